@@ -1,0 +1,406 @@
+"""Lossless checkpoint porting between detr_jax and PyTorch DETR checkpoints.
+
+Sources accepted by `load_pytorch_checkpoint`:
+  * the official `.pth` (facebookresearch/detr model zoo): `{"model": state_dict}` or a bare
+    state dict, keys as in official `models/detr.py`;
+  * Hugging Face `DetrForObjectDetection` state dicts or `model.safetensors`, in the hub files'
+    layout (timm backbone names, `self_attn.out_proj`, `fc1`) and in the layout of the installed
+    transformers (HF ResNet backbone names, `o_proj`, `mlp.fc1`).
+`load_torchvision_backbone` takes a torchvision ResNet ImageNet checkpoint to initialise training.
+
+Every Flax leaf has exactly one official key (`official_key`); loading is strict: every source
+key must be used and every Flax leaf filled, or `CheckpointMismatchError` lists what is wrong
+and nothing is returned or written.
+
+CLI:
+  python -m detr_jax.porting import SRC.pth OUT_DIR [--dilation]   # writes an orbax checkpoint
+  python -m detr_jax.porting export OUT_DIR DST.pth                 # official layout for torch
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Any, Mapping
+
+import flax
+import jax
+import numpy as np
+
+from detr_jax import backbone as backbone_lib
+from detr_jax import detr as detr_lib
+
+MODEL_CONFIG_FILE = "model_config.json"
+VARIABLES_DIR = "variables"
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint's keys or shapes do not fit the model; the message lists each offending key."""
+
+
+# Flax module path (joined with ".") -> official module path. Applied in order.
+_MODULE_RULES = [
+    (r"^backbone\.", "backbone.0.body."),
+    (r"^position_embedding\.", "backbone.1."),
+    (r"\.encoder_layers_(\d+)\.", r".encoder.layers.\1."),
+    (r"\.decoder_layers_(\d+)\.", r".decoder.layers.\1."),
+    (r"\.encoder_norm\.", ".encoder.norm."),
+    (r"\.decoder_norm\.", ".decoder.norm."),
+    (r"\.ffn\.", "."),
+    (r"_(\d+)\.", r".\1."),
+]
+_LEAF_NAMES = {"kernel": "weight", "in_proj_kernel": "in_proj_weight", "scale": "weight",
+               "embedding": "weight", "mean": "running_mean", "var": "running_var"}
+
+
+def official_key(path: tuple[str, ...]) -> str:
+  """The official state-dict key of a Flax leaf path (collection excluded).
+
+  Example: ("backbone", "layer1_0", "downsample_1", "mean")
+  -> "backbone.0.body.layer1.0.downsample.1.running_mean".
+  """
+  *modules, leaf = path
+  if not modules:  # a parameter declared on the root module, e.g. query_embed
+    return f"{leaf}.weight"
+  prefix = ".".join(modules) + "."
+  for pattern, replacement in _MODULE_RULES:
+    prefix = re.sub(pattern, replacement, prefix)
+  return prefix + _LEAF_NAMES.get(leaf, leaf)
+
+
+def _to_torch_layout(path, value):
+  if path[-1].endswith("kernel"):
+    return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+  return value
+
+
+def _from_torch_layout(path, value):
+  if path[-1].endswith("kernel"):
+    return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+  return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading state dicts and renaming Hugging Face layouts.
+
+def read_state_dict(source) -> dict[str, np.ndarray]:
+  """Reads a `.pth`/`.pt`/`.bin` (torch) or `.safetensors` file, or takes a mapping.
+
+  Returns a flat {key: float32 numpy array} dict. A `{"model": ...}` wrapper is unwrapped.
+  Raises:
+    FileNotFoundError: the path does not exist.
+    ValueError: the file holds no state dict.
+  """
+  if isinstance(source, Mapping):
+    state = source
+  else:
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"No checkpoint file at {path!r}.")
+    if path.endswith(".safetensors"):
+      from safetensors.numpy import load_file
+      state = load_file(path)
+    else:
+      import torch
+      state = torch.load(path, map_location="cpu", weights_only=True)
+  if isinstance(state.get("model"), Mapping):
+    state = state["model"]
+  arrays = {}
+  for key, value in state.items():
+    if hasattr(value, "detach"):
+      value = value.detach().cpu().float().numpy()
+    if not isinstance(value, np.ndarray):
+      raise ValueError(f"Checkpoint entry {key!r} is a {type(value).__name__}, not a tensor.")
+    arrays[key] = value.astype(np.float32)
+  return arrays
+
+
+def _shift_stage(match):
+  return f"body.layer{int(match.group(1)) + 1}.{match.group(2)}."
+
+
+# Hugging Face key -> official key, applied in order. Covers the hub files (timm backbone) and
+# the installed transformers (HF ResNet backbone, o_proj, mlp.fc1).
+_HF_RULES = [
+    (r"^model\.backbone\.(conv_encoder\.)?model\.", "backbone.0.body."),
+    (r"^model\.(backbone\.)?position_embedding\.row_embeddings\.", "backbone.1.row_embed."),
+    (r"^model\.(backbone\.)?position_embedding\.column_embeddings\.", "backbone.1.col_embed."),
+    (r"body\.embedder\.embedder\.convolution\.", "body.conv1."),
+    (r"body\.embedder\.embedder\.normalization\.", "body.bn1."),
+    (r"body\.encoder\.stages\.(\d+)\.layers\.(\d+)\.", _shift_stage),
+    (r"\.shortcut\.convolution\.", ".downsample.0."),
+    (r"\.shortcut\.normalization\.", ".downsample.1."),
+    (r"\.layer\.(\d+)\.convolution\.", lambda m: f".conv{int(m.group(1)) + 1}."),
+    (r"\.layer\.(\d+)\.normalization\.", lambda m: f".bn{int(m.group(1)) + 1}."),
+    (r"^model\.(encoder|decoder)\.layers\.", r"transformer.\1.layers."),
+    (r"^model\.decoder\.layernorm\.", "transformer.decoder.norm."),
+    (r"\.encoder_attn\.", ".multihead_attn."),
+    (r"\.o_proj\.", ".out_proj."),
+    (r"\.(mlp\.)?fc1\.", ".linear1."),
+    (r"\.(mlp\.)?fc2\.", ".linear2."),
+    (r"\.self_attn_layer_norm\.", ".norm1."),
+    (r"\.encoder_attn_layer_norm\.", ".norm2."),
+    (r"(encoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm2."),
+    (r"(decoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm3."),
+    (r"^model\.input_projection\.", "input_proj."),
+    (r"^model\.query_position_embeddings\.", "query_embed."),
+    (r"^class_labels_classifier\.", "class_embed."),
+    (r"^bbox_predictor\.", "bbox_embed."),
+]
+
+
+def is_hf_layout(state_dict: Mapping[str, Any]) -> bool:
+  """True for Hugging Face `DetrForObjectDetection` keys ("model." / "class_labels_classifier.")."""
+  return any(k.startswith(("model.", "class_labels_classifier.")) for k in state_dict)
+
+
+def hf_to_official(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Renames a Hugging Face DETR state dict into the official layout.
+
+  Separate q/k/v projections are concatenated into `in_proj_weight` [3d, d] / `in_proj_bias`
+  (rows q, k, v, as in `nn.MultiheadAttention`); `num_batches_tracked` entries are dropped.
+  Raises:
+    CheckpointMismatchError: an attention block lacks one of its q/k/v projections.
+  """
+  renamed, qkv = {}, {}
+  for key, value in state_dict.items():
+    if key.endswith("num_batches_tracked"):
+      continue
+    for pattern, replacement in _HF_RULES:
+      key = re.sub(pattern, replacement, key)
+    match = re.match(r"^(.*)\.([qkv])_proj\.(weight|bias)$", key)
+    if match:
+      qkv.setdefault((match.group(1), match.group(3)), {})[match.group(2)] = value
+    else:
+      renamed[key] = value
+  for (prefix, kind), parts in qkv.items():
+    if set(parts) != {"q", "k", "v"}:
+      raise CheckpointMismatchError(f"{prefix}: found projections {sorted(parts)}, expected q, k and v.")
+    renamed[f"{prefix}.in_proj_{kind}"] = np.concatenate([parts["q"], parts["k"], parts["v"]])
+  return renamed
+
+
+def to_official_layout(source) -> dict[str, np.ndarray]:
+  """Reads `source` (see `read_state_dict`) and returns it in the official layout."""
+  state_dict = read_state_dict(source)
+  return hf_to_official(state_dict) if is_hf_layout(state_dict) else state_dict
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture inference and strict filling.
+
+def _count_indices(keys, prefix):
+  indices = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+  return max(indices) + 1 if indices else 0
+
+
+def infer_model_config(state_dict: Mapping[str, np.ndarray], dilation: bool = False,
+                       num_heads: int = 8) -> dict[str, Any]:
+  """Reads the DETR architecture from official-layout keys and shapes.
+
+  Depth, num_classes, queries, layer counts, widths, pre-norm and the position encoding are
+  read; DC5 (`dilation`) and `num_heads` cannot be, so they are arguments.
+  Raises:
+    CheckpointMismatchError: the keys do not describe a supported DETR.
+  """
+  keys = list(state_dict)
+  required = ["class_embed.weight", "query_embed.weight", "transformer.encoder.layers.0.linear1.weight"]
+  absent = [k for k in required if k not in state_dict]
+  if absent:
+    raise CheckpointMismatchError(f"Not a DETR state dict: missing {absent}.")
+  blocks = tuple(_count_indices(keys, f"backbone.0.body.layer{i}.") for i in range(1, 5))
+  kind = "bottleneck" if "backbone.0.body.layer1.0.conv3.weight" in state_dict else "basic"
+  depths = [d for d, layout in backbone_lib.RESNET_LAYOUTS.items() if layout == (kind, blocks)]
+  if not depths:
+    raise CheckpointMismatchError(f"Backbone with {kind} blocks per stage {blocks} is not a supported ResNet.")
+  num_queries, hidden_dim = state_dict["query_embed.weight"].shape
+  return {
+      "num_classes": state_dict["class_embed.weight"].shape[0] - 1,
+      "num_queries": int(num_queries),
+      "hidden_dim": int(hidden_dim),
+      "num_heads": num_heads,
+      "num_encoder_layers": _count_indices(keys, "transformer.encoder.layers."),
+      "num_decoder_layers": _count_indices(keys, "transformer.decoder.layers."),
+      "dim_feedforward": int(state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0]),
+      "pre_norm": "transformer.encoder.norm.weight" in state_dict,
+      "backbone_depth": depths[0],
+      "dilation": dilation,
+      "position_embedding": "learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
+  }
+
+
+def _variable_shapes(model) -> dict[tuple[str, ...], tuple[int, ...]]:
+  shapes = jax.eval_shape(lambda: detr_lib.init_variables(model, jax.random.PRNGKey(0)))
+  return {path: leaf.shape for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes)).items()}
+
+
+def _fill(shapes, state_dict, what: str):
+  """Strictly maps official keys onto Flax leaves {(collection, *path): shape}."""
+  by_key = {official_key(path[1:]): path for path in shapes}
+  missing = sorted(set(by_key) - set(state_dict))
+  unexpected = sorted(set(state_dict) - set(by_key))
+  filled, mismatched = {}, []
+  for key in sorted(set(by_key) & set(state_dict)):
+    path = by_key[key]
+    value = _from_torch_layout(path, state_dict[key])
+    if value.shape != tuple(shapes[path]):
+      expected = _to_torch_layout(path, np.empty(shapes[path], np.float32)).shape
+      mismatched.append(f"{key}: checkpoint {tuple(state_dict[key].shape)}, model {tuple(expected)}")
+    filled[path] = value
+  if missing or unexpected or mismatched:
+    lines = [f"The checkpoint does not fit {what}."]
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", mismatched)):
+      if items:
+        lines.append(f"{len(items)} {title}:")
+        lines.extend(f"  {item}" for item in items)
+    raise CheckpointMismatchError("\n".join(lines))
+  return filled
+
+
+def model_config(model: detr_lib.DETR) -> dict[str, Any]:
+  """The DETR attributes of `model` as a plain dict (inverse of `detr.from_config`)."""
+  return {field: getattr(model, field) for field in detr_lib.DETR.__dataclass_fields__
+          if field not in ("parent", "name")}
+
+
+def describe(config) -> str:
+  """A one-line name such as "DETR-R50-DC5 (91 classes, 100 queries)" for a model config dict."""
+  return (f"DETR-R{config['backbone_depth']}{'-DC5' if config['dilation'] else ''} "
+          f"({config['num_classes']} classes, {config['num_queries']} queries)")
+
+
+def load_pytorch_checkpoint(source, dilation: bool = False, num_heads: int = 8, **overrides):
+  """Loads an official or Hugging Face DETR checkpoint into a Flax DETR.
+
+  Args:
+    source: a file path (`.pth`, `.bin`, `.safetensors`) or a state dict of tensors/arrays.
+    dilation: True for DC5 checkpoints (it cannot be read from the keys).
+    num_heads: attention heads (8 in every published model; not readable from shapes).
+    **overrides: DETR attributes to force (e.g. `backbone_depth=50`, `dtype="bfloat16"`,
+      `aux_loss=False`); architecture fields that disagree with the checkpoint raise.
+  Returns:
+    (model, variables): a `detr.DETR` and {"params", "batch_stats"} of float32 arrays.
+  Raises:
+    FileNotFoundError: no such file.
+    CheckpointMismatchError: missing, unexpected or shape-mismatched keys, all listed.
+  """
+  state_dict = to_official_layout(source)
+  config = {**infer_model_config(state_dict, dilation, num_heads), **overrides}
+  model = detr_lib.from_config(config)
+  filled = _fill(_variable_shapes(model), state_dict, describe(config))
+  variables = flax.traverse_util.unflatten_dict({p: jax.numpy.asarray(v) for p, v in filled.items()})
+  return model, variables
+
+
+def load_torchvision_backbone(source, depth: int | None = None):
+  """Reads a torchvision ResNet ImageNet checkpoint as the DETR backbone.
+
+  The classifier (`fc.*`) and `num_batches_tracked` are dropped; everything else must fit.
+  Returns:
+    {"params": {"backbone": ...}, "batch_stats": {"backbone": ...}} to merge into DETR variables.
+  Raises:
+    CheckpointMismatchError: the keys are not a torchvision ResNet of a supported depth.
+  """
+  state_dict = {f"backbone.0.body.{k}": v for k, v in read_state_dict(source).items()
+                if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+  if depth is None:
+    blocks = tuple(_count_indices(state_dict, f"backbone.0.body.layer{i}.") for i in range(1, 5))
+    kind = "bottleneck" if "backbone.0.body.layer1.0.conv3.weight" in state_dict else "basic"
+    depths = [d for d, layout in backbone_lib.RESNET_LAYOUTS.items() if layout == (kind, blocks)]
+    if not depths:
+      raise CheckpointMismatchError(f"Not a supported torchvision ResNet: {kind} blocks per stage {blocks}.")
+    depth = depths[0]
+  shapes = {p: s for p, s in _variable_shapes(detr_lib.DETR(backbone_depth=depth)).items() if p[1] == "backbone"}
+  filled = _fill(shapes, state_dict, f"a torchvision ResNet-{depth}")
+  return flax.traverse_util.unflatten_dict({p: jax.numpy.asarray(v) for p, v in filled.items()})
+
+
+def to_pytorch_state_dict(variables) -> dict[str, np.ndarray]:
+  """Exports {"params", "batch_stats"} to the official key layout as float32 numpy arrays.
+
+  The result loads into the official `DETR` with `load_state_dict(strict=True)` after
+  `torch.from_numpy`; for an imported checkpoint it equals the original exactly.
+  """
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+  return {official_key(path[1:]): np.asarray(_to_torch_layout(path, np.asarray(value, np.float32)))
+          for path, value in flat.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Orbax checkpoints of a ported model.
+
+def save_checkpoint(directory: str, model: detr_lib.DETR, variables) -> None:
+  """Writes `variables` (orbax) and the model's attributes (JSON) under `directory`.
+
+  Raises:
+    FileExistsError: `directory` already holds a checkpoint.
+  """
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  if os.path.exists(os.path.join(directory, VARIABLES_DIR)):
+    raise FileExistsError(f"{directory} already holds a checkpoint; choose an empty directory.")
+  os.makedirs(directory, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(directory, VARIABLES_DIR), variables)
+  with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
+    json.dump(model_config(model), f, indent=2)
+
+
+def load_checkpoint(directory: str):
+  """Reads a checkpoint written by `save_checkpoint`. Returns (model, variables).
+
+  Raises:
+    FileNotFoundError: `directory` has no model_config.json or variables.
+  """
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  config_path = os.path.join(directory, MODEL_CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{directory} is not a detr_jax checkpoint (no {MODEL_CONFIG_FILE}).")
+  with open(config_path) as f:
+    model = detr_lib.from_config(json.load(f))
+  with ocp.StandardCheckpointer() as checkpointer:
+    variables = checkpointer.restore(os.path.join(directory, VARIABLES_DIR))
+  return model, variables
+
+
+def save_pytorch_checkpoint(variables, path: str) -> None:
+  """Writes `{"model": official state dict}` with torch.save, atomically (temp file + rename)."""
+  import torch
+  state_dict = {k: torch.from_numpy(np.array(v)) for k, v in to_pytorch_state_dict(variables).items()}
+  tmp_path = f"{path}.tmp"
+  torch.save({"model": state_dict}, tmp_path)
+  os.replace(tmp_path, path)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m detr_jax.porting", description=__doc__.split("\n")[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  import_cmd = commands.add_parser("import", help="PyTorch/HF checkpoint -> orbax checkpoint directory")
+  import_cmd.add_argument("source")
+  import_cmd.add_argument("out_dir")
+  import_cmd.add_argument("--dilation", action="store_true", help="the checkpoint is DC5")
+  import_cmd.add_argument("--num_heads", type=int, default=8)
+  export_cmd = commands.add_parser("export", help="orbax checkpoint directory -> official .pth")
+  export_cmd.add_argument("checkpoint_dir")
+  export_cmd.add_argument("destination")
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "import":
+      model, variables = load_pytorch_checkpoint(args.source, dilation=args.dilation, num_heads=args.num_heads)
+      save_checkpoint(args.out_dir, model, variables)
+      print(f"Imported {describe(model_config(model))} into {args.out_dir}")
+    else:
+      _, variables = load_checkpoint(args.checkpoint_dir)
+      save_pytorch_checkpoint(variables, args.destination)
+      print(f"Exported {args.checkpoint_dir} to {args.destination} (official layout)")
+  except (CheckpointMismatchError, FileNotFoundError, FileExistsError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

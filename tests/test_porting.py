@@ -1,0 +1,186 @@
+"""Checkpoint porting: official and Hugging Face layouts, strictness, CLI round trips."""
+
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from detr_jax import porting
+from tests.conftest import SHARED_REFERENCE, hf_detr, require_shared_file
+
+OFFICIAL_KEYS = SHARED_REFERENCE / "official-state-dict-keys.json"
+
+
+@pytest.fixture(scope="module")
+def official_shapes():
+  """Every key and shape of the official detr-r50, detr-r50-dc5, detr-r101 checkpoints."""
+  require_shared_file(OFFICIAL_KEYS, "the reference key list lives in ../shared/reference")
+  return json.loads(OFFICIAL_KEYS.read_text())
+
+
+def random_state_dict(shapes, seed=0):
+  rng = np.random.default_rng(seed)
+  return {key: rng.normal(size=shape).astype(np.float32) for key, shape in shapes.items()}
+
+
+def assert_same_state_dict(actual, expected):
+  assert sorted(actual) == sorted(expected)
+  for key in expected:
+    assert actual[key].shape == expected[key].shape, key
+    np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+
+@pytest.mark.parametrize("name,dilation,depth", [("detr-r50", False, 50), ("detr-r50-dc5", True, 50),
+                                                 ("detr-r101", False, 101)])
+def test_official_layout_round_trip(official_shapes, name, dilation, depth):
+  state_dict = random_state_dict(official_shapes[name])
+  model, variables = porting.load_pytorch_checkpoint(state_dict, dilation=dilation)
+  assert (model.backbone_depth, model.dilation, model.num_classes, model.num_queries) == (depth, dilation, 91, 100)
+  assert_same_state_dict(porting.to_pytorch_state_dict(variables), state_dict)
+
+
+def test_official_layout_of_hf_model_gives_hf_outputs(two_real_images):
+  images, mask = two_real_images
+  reference = hf_detr(50, seed=1)
+  official = porting.hf_to_official({k: v.numpy() for k, v in reference.state_dict().items()})
+  assert all(not k.startswith("model.") for k in official)
+  model, variables = porting.load_pytorch_checkpoint(official)
+  with torch.no_grad():
+    expected = reference(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
+                         pixel_mask=torch.from_numpy(mask).long())
+  out = jax.jit(model.apply)(variables, images, mask)
+  np.testing.assert_allclose(out["pred_logits"], expected.logits.numpy(), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(out["pred_boxes"], expected.pred_boxes.numpy(), atol=1e-4, rtol=0)
+  assert_same_state_dict(porting.to_pytorch_state_dict(variables), official)
+
+
+def hub_layout(official):
+  """The official state dict renamed to the layout of the HF hub files (timm backbone names).
+
+  Written independently of the importer's rules, from the hub's facebook/detr-resnet-50 key names.
+  """
+  hub = {}
+  for key, value in official.items():
+    attn = re.match(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(self_attn|multihead_attn)\.in_proj_(weight|bias)", key)
+    if attn:
+      part, index, kind, leaf = attn.groups()
+      name = "self_attn" if kind == "self_attn" else "encoder_attn"
+      for proj, chunk in zip("qkv", np.split(value, 3)):
+        hub[f"model.{part}.layers.{index}.{name}.{proj}_proj.{leaf}"] = chunk
+      continue
+    layer = re.match(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(\w+)\.(.*)", key)
+    if layer:
+      part, index, module, rest = layer.groups()
+      names = {"linear1": "fc1", "linear2": "fc2", "norm1": "self_attn_layer_norm", "self_attn": "self_attn",
+               "multihead_attn": "encoder_attn",
+               "norm2": "final_layer_norm" if part == "encoder" else "encoder_attn_layer_norm",
+               "norm3": "final_layer_norm"}
+      hub[f"model.{part}.layers.{index}.{names[module]}.{rest}"] = value
+      continue
+    for old, new in (("backbone.0.body.", "model.backbone.conv_encoder.model."), ("transformer.decoder.norm.",
+                     "model.decoder.layernorm."), ("input_proj.", "model.input_projection."),
+                     ("query_embed.", "model.query_position_embeddings."), ("class_embed.", "class_labels_classifier."),
+                     ("bbox_embed.", "bbox_predictor.")):
+      if key.startswith(old):
+        hub[new + key[len(old):]] = value
+        break
+    else:
+      raise AssertionError(f"unmapped {key}")
+  hub["model.backbone.conv_encoder.model.layer1.0.downsample.1.num_batches_tracked"] = np.zeros((), np.float32)
+  return hub
+
+
+def test_hub_safetensors_layout(official_shapes, tmp_path):
+  official = random_state_dict(official_shapes["detr-r50"], seed=3)
+  path = tmp_path / "model.safetensors"
+  save_file(hub_layout(official), str(path))
+  _, variables = porting.load_pytorch_checkpoint(path)
+  assert_same_state_dict(porting.to_pytorch_state_dict(variables), official)
+
+
+def test_installed_transformers_layout(two_real_images):
+  reference = hf_detr(50, seed=2)
+  _, variables = porting.load_pytorch_checkpoint(reference.state_dict())
+  official = porting.hf_to_official({k: v.numpy() for k, v in reference.state_dict().items()})
+  assert_same_state_dict(porting.to_pytorch_state_dict(variables), official)
+
+
+def test_learned_position_and_resnet18_match_hf(two_real_images):
+  """Basic blocks (R18) and the learned encoding port from HF's layout and give its outputs."""
+  from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+  images, mask = two_real_images
+  torch.manual_seed(0)
+  config = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone=None, num_labels=20,
+                      num_queries=30, position_embedding_type="learned",
+                      backbone_config=ResNetConfig(layer_type="basic", depths=[2, 2, 2, 2],
+                                                   hidden_sizes=[64, 128, 256, 512], out_features=["stage4"]))
+  reference = DetrForObjectDetection(config).eval()
+  with torch.no_grad():
+    expected = reference(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
+                         pixel_mask=torch.from_numpy(mask).long())
+  model, variables = porting.load_pytorch_checkpoint(reference.state_dict())
+  assert (model.backbone_depth, model.position_embedding, model.num_classes, model.num_queries) == (18, "learned", 20, 30)
+  out = jax.jit(model.apply)(variables, images, mask)
+  np.testing.assert_allclose(out["pred_logits"], expected.logits.numpy(), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(out["pred_boxes"], expected.pred_boxes.numpy(), atol=1e-4, rtol=0)
+
+
+def test_torchvision_backbone(official_shapes):
+  official = random_state_dict(official_shapes["detr-r50"], seed=4)
+  torchvision = {k[len("backbone.0.body."):]: v for k, v in official.items() if k.startswith("backbone.0.body.")}
+  torchvision["fc.weight"] = np.zeros((1000, 2048), np.float32)
+  torchvision["fc.bias"] = np.zeros((1000,), np.float32)
+  torchvision["bn1.num_batches_tracked"] = np.zeros((), np.float32)
+  backbone = porting.load_torchvision_backbone(torchvision)
+  exported = porting.to_pytorch_state_dict(backbone)
+  assert_same_state_dict(exported, {k: v for k, v in official.items() if k.startswith("backbone.0.body.")})
+
+
+@pytest.mark.parametrize("corruption,message", [
+    ("missing", r"1 missing keys:\n  transformer.decoder.layers.3.norm2.bias"),
+    ("extra", r"1 unexpected keys:\n  backbone.0.body.fc.weight"),
+    ("shape", r"class_embed.bias: checkpoint \(81,\), model \(92,\)"),
+])
+def test_strict_errors(official_shapes, corruption, message):
+  state_dict = random_state_dict(official_shapes["detr-r50"])
+  if corruption == "missing":
+    del state_dict["transformer.decoder.layers.3.norm2.bias"]
+  elif corruption == "extra":
+    state_dict["backbone.0.body.fc.weight"] = np.zeros((1000, 2048), np.float32)
+  else:
+    state_dict["class_embed.bias"] = np.zeros(81, np.float32)
+  with pytest.raises(porting.CheckpointMismatchError, match=message):
+    porting.load_pytorch_checkpoint(state_dict)
+
+
+def test_r101_weights_with_r50_flags(official_shapes):
+  state_dict = random_state_dict(official_shapes["detr-r101"])
+  with pytest.raises(porting.CheckpointMismatchError, match=r"does not fit DETR-R50.*\n255 unexpected keys:\n  backbone.0.body.layer3.10."):
+    porting.load_pytorch_checkpoint(state_dict, backbone_depth=50)
+
+
+def test_cli_round_trip(official_shapes, tmp_path):
+  official = random_state_dict(official_shapes["detr-r50"], seed=5)
+  source = tmp_path / "detr-r50.pth"
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in official.items()}}, source)
+  assert porting.main(["import", str(source), str(tmp_path / "ckpt"), "--dilation"]) == 0
+  model, _ = porting.load_checkpoint(tmp_path / "ckpt")
+  assert model.dilation and model.backbone_depth == 50
+  assert porting.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "back.pth")]) == 0
+  exported = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
+  assert_same_state_dict({k: v.numpy() for k, v in exported.items()}, official)
+
+
+def test_cli_writes_nothing_on_error(official_shapes, tmp_path, capsys):
+  state_dict = {k: torch.from_numpy(v) for k, v in random_state_dict(official_shapes["detr-r50"]).items()}
+  del state_dict["input_proj.bias"]
+  torch.save(state_dict, tmp_path / "broken.pth")
+  assert porting.main(["import", str(tmp_path / "broken.pth"), str(tmp_path / "out")]) == 1
+  assert "missing keys:\n  input_proj.bias" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
+  assert porting.main(["import", str(tmp_path / "absent.pth"), str(tmp_path / "out")]) == 1
+  assert "No checkpoint file" in capsys.readouterr().err
