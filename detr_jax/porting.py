@@ -195,6 +195,15 @@ def _count_indices(keys, prefix):
   return max(indices) + 1 if indices else 0
 
 
+def _infer_resnet_depth(state_dict) -> int:
+  blocks = tuple(_count_indices(state_dict, f"backbone.0.body.layer{i}.") for i in range(1, 5))
+  kind = "bottleneck" if "backbone.0.body.layer1.0.conv3.weight" in state_dict else "basic"
+  depths = [d for d, layout in backbone_lib.RESNET_LAYOUTS.items() if layout == (kind, blocks)]
+  if not depths:
+    raise CheckpointMismatchError(f"Backbone with {kind} blocks per stage {blocks} is not a supported ResNet.")
+  return depths[0]
+
+
 def infer_model_config(state_dict: Mapping[str, np.ndarray], dilation: bool = False,
                        num_heads: int = 8) -> dict[str, Any]:
   """Reads the DETR architecture from official-layout keys and shapes.
@@ -209,11 +218,6 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], dilation: bool = Fa
   absent = [k for k in required if k not in state_dict]
   if absent:
     raise CheckpointMismatchError(f"Not a DETR state dict: missing {absent}.")
-  blocks = tuple(_count_indices(keys, f"backbone.0.body.layer{i}.") for i in range(1, 5))
-  kind = "bottleneck" if "backbone.0.body.layer1.0.conv3.weight" in state_dict else "basic"
-  depths = [d for d, layout in backbone_lib.RESNET_LAYOUTS.items() if layout == (kind, blocks)]
-  if not depths:
-    raise CheckpointMismatchError(f"Backbone with {kind} blocks per stage {blocks} is not a supported ResNet.")
   num_queries, hidden_dim = state_dict["query_embed.weight"].shape
   return {
       "num_classes": state_dict["class_embed.weight"].shape[0] - 1,
@@ -224,7 +228,7 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], dilation: bool = Fa
       "num_decoder_layers": _count_indices(keys, "transformer.decoder.layers."),
       "dim_feedforward": int(state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0]),
       "pre_norm": "transformer.encoder.norm.weight" in state_dict,
-      "backbone_depth": depths[0],
+      "backbone_depth": _infer_resnet_depth(state_dict),
       "dilation": dilation,
       "position_embedding": "learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
   }
@@ -305,13 +309,7 @@ def load_torchvision_backbone(source, depth: int | None = None):
   """
   state_dict = {f"backbone.0.body.{k}": v for k, v in read_state_dict(source).items()
                 if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-  if depth is None:
-    blocks = tuple(_count_indices(state_dict, f"backbone.0.body.layer{i}.") for i in range(1, 5))
-    kind = "bottleneck" if "backbone.0.body.layer1.0.conv3.weight" in state_dict else "basic"
-    depths = [d for d, layout in backbone_lib.RESNET_LAYOUTS.items() if layout == (kind, blocks)]
-    if not depths:
-      raise CheckpointMismatchError(f"Not a supported torchvision ResNet: {kind} blocks per stage {blocks}.")
-    depth = depths[0]
+  depth = depth or _infer_resnet_depth(state_dict)
   shapes = {p: s for p, s in _variable_shapes(detr_lib.DETR(backbone_depth=depth)).items() if p[1] == "backbone"}
   filled = _fill(shapes, state_dict, f"a torchvision ResNet-{depth}")
   return flax.traverse_util.unflatten_dict({p: jax.numpy.asarray(v) for p, v in filled.items()})

@@ -1,0 +1,78 @@
+r"""Forward-pass speed of DETR-R50: jit-compiled JAX against transformers' PyTorch model.
+
+Both run the same random weights (ported from the PyTorch model) on the same 800x1066 input,
+in one process on the same machine. Prints ms/image for each and the ratio PyTorch / JAX
+(above 1: JAX is faster).
+
+  python benchmarks/forward.py [--batch_sizes 1,2] [--iters 5] [--dtypes float32,bfloat16]
+
+On a GPU, PyTorch runs on CUDA in float32 and JAX on the default device in each dtype.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from detr_jax import porting  # noqa: E402
+from tests.conftest import hf_detr  # noqa: E402
+
+
+def time_call(fn, iters):
+  fn()  # warm-up (compilation for JAX)
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch_sizes", default="1,2")
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--dtypes", default="float32")
+  parser.add_argument("--height", type=int, default=800)
+  parser.add_argument("--width", type=int, default=1066)
+  args = parser.parse_args()
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  reference = hf_detr(50).to(device)
+  state_dict = reference.state_dict()
+  print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on {device}; "
+        f"torch threads {torch.get_num_threads()}; input {args.height}x{args.width}")
+  print(f"{'batch':>5} {'dtype':>9} {'torch ms/img':>13} {'jax ms/img':>11} {'torch/jax':>10}")
+  for batch in map(int, args.batch_sizes.split(",")):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(batch, args.height, args.width, 3)).astype(np.float32)
+    mask = np.ones((batch, args.height, args.width), bool)
+    mask[-1, :, args.width * 3 // 4:] = False  # one padded image, as in a real batch
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    pixel_mask = torch.from_numpy(mask).long().to(device)
+
+    def torch_forward():
+      with torch.no_grad():
+        out = reference(pixel_values=pixels, pixel_mask=pixel_mask)
+      if device == "cuda":
+        torch.cuda.synchronize()
+      return out
+
+    torch_seconds = time_call(torch_forward, args.iters)
+    for dtype in args.dtypes.split(","):
+      model, variables = porting.load_pytorch_checkpoint(state_dict, dtype=dtype)
+      variables = jax.device_put(variables)
+      forward = jax.jit(model.apply)
+      jax_images, jax_mask = jax.device_put(images), jax.device_put(mask)
+      jax_seconds = time_call(lambda: jax.block_until_ready(forward(variables, jax_images, jax_mask)), args.iters)
+      print(f"{batch:>5} {dtype:>9} {torch_seconds * 1000 / batch:>13.1f} {jax_seconds * 1000 / batch:>11.1f} "
+            f"{torch_seconds / jax_seconds:>10.2f}")
+
+
+if __name__ == "__main__":
+  main()
