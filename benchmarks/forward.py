@@ -12,25 +12,15 @@ On a GPU, PyTorch runs on CUDA in float32 and JAX on the default device in each 
 import argparse
 import os
 import sys
-import time
 
 import jax
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.timing import median_seconds  # noqa: E402
 from detr_jax import porting  # noqa: E402
 from tests.conftest import hf_detr  # noqa: E402
-
-
-def time_call(fn, iters):
-  fn()  # warm-up (compilation for JAX)
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main():
@@ -63,13 +53,13 @@ def main():
         torch.cuda.synchronize()
       return out
 
-    torch_seconds = time_call(torch_forward, args.iters)
+    torch_seconds = median_seconds(torch_forward, args.iters)
     for dtype in args.dtypes.split(","):
       model, variables = porting.load_pytorch_checkpoint(state_dict, dtype=dtype)
       variables = jax.device_put(variables)
       forward = jax.jit(model.apply)
       jax_images, jax_mask = jax.device_put(images), jax.device_put(mask)
-      jax_seconds = time_call(lambda: jax.block_until_ready(forward(variables, jax_images, jax_mask)), args.iters)
+      jax_seconds = median_seconds(lambda: jax.block_until_ready(forward(variables, jax_images, jax_mask)), args.iters)
       print(f"{batch:>5} {dtype:>9} {torch_seconds * 1000 / batch:>13.1f} {jax_seconds * 1000 / batch:>11.1f} "
             f"{torch_seconds / jax_seconds:>10.2f}")
 

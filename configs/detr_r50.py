@@ -21,5 +21,11 @@ def get_config():
       aux_loss=True,
       dtype="float32",           # "bfloat16": bf16 matmuls/convs, float32 params, softmax and norms.
   ))
+  config.loss = ml_collections.ConfigDict(dict(
+      class_cost=1.0, bbox_cost=5.0, giou_cost=2.0,   # matching cost weights
+      eos_coef=0.1,                                   # cross-entropy weight of "no object"
+      bbox_loss_coef=5.0, giou_loss_coef=2.0,         # loss_ce has weight 1
+      solver="host",   # "host": scipy via callback (9x the official matcher on CPU); "device": optax
+  ))
   config.seed = 42
   return config

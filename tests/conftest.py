@@ -99,3 +99,40 @@ def hf_detr(depth=50, dilation=False, num_labels=91, seed=0):
         module.weight.uniform_(0.5, 1.5)
         module.bias.uniform_(-0.1, 0.1)
   return model.eval()
+
+
+def coco_targets(coco_mini, image_ids, max_boxes=None):
+  """Real targets of coco-mini train images, crowd boxes dropped, padded to `max_boxes`.
+
+  Returns {"labels" [B, T] int32, "boxes" [B, T, 4] cxcywh normalised, "mask" [B, T] bool} and the
+  unpadded per-image lists (labels, boxes) for reference implementations.
+  """
+  import json
+  data = json.loads((coco_mini / "annotations" / "instances_train2017.json").read_text())
+  images = {image["id"]: image for image in data["images"]}
+  per_image = {image_id: [] for image_id in image_ids}
+  for ann in data["annotations"]:
+    if ann["image_id"] in per_image and not ann["iscrowd"]:
+      per_image[ann["image_id"]].append(ann)
+  lists = []
+  for image_id in image_ids:
+    width, height = images[image_id]["width"], images[image_id]["height"]
+    labels = np.array([a["category_id"] for a in per_image[image_id]], np.int32)
+    boxes = np.array([[(x + w / 2) / width, (y + h / 2) / height, w / width, h / height]
+                      for x, y, w, h in (a["bbox"] for a in per_image[image_id])], np.float32).reshape(-1, 4)
+    lists.append((labels, boxes))
+  max_boxes = max_boxes or max(len(l) for l, _ in lists)
+  padded = {"labels": np.zeros((len(lists), max_boxes), np.int32),
+            "boxes": np.zeros((len(lists), max_boxes, 4), np.float32),
+            "mask": np.zeros((len(lists), max_boxes), bool)}
+  for i, (labels, boxes) in enumerate(lists):
+    padded["labels"][i, :len(labels)] = labels
+    padded["boxes"][i, :len(labels)] = boxes
+    padded["mask"][i, :len(labels)] = True
+  return padded, lists
+
+
+def coco_train_image_ids(coco_mini, count, offset=0):
+  import json
+  data = json.loads((coco_mini / "annotations" / "instances_train2017.json").read_text())
+  return sorted(image["id"] for image in data["images"])[offset:offset + count]

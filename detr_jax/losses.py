@@ -1,0 +1,119 @@
+"""The DETR set loss (paper Sec. 3.1 and A.2, official `SetCriterion` in `models/detr.py`).
+
+Targets are padded to a fixed count per image:
+    {"labels": [B, T] int32 class indices (COCO category ids),
+     "boxes":  [B, T, 4] float32 cxcywh normalised to the unpadded image,
+     "mask":   [B, T] bool, True on real targets}.
+Padded entries never reach a loss or a gradient, whatever they hold.
+
+Normalisation: the official code divides the box losses on each GPU by
+num_boxes = max(total targets on all GPUs / world size, 1) and DDP then averages the GPUs'
+gradients; that equals dividing the global sum by the global target count. Here the loss is
+written over the global batch (jit over the mesh inserts the cross-device sums), so
+num_boxes = max(total valid targets, 1) and the result does not depend on the device count.
+"""
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from detr_jax import box_ops
+from detr_jax import matcher as matcher_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class SetCriterion:
+  """Matches each decoder layer independently and computes the official loss terms.
+
+  Attributes:
+    num_classes: class slots K; logits have K + 1 entries, "no object" last.
+    eos_coef: cross-entropy weight of "no object" (0.1).
+    cost_weights: the matching cost weights (1, 5, 2).
+    bbox_loss_coef, giou_loss_coef: loss weights (5, 2); loss_ce has weight 1.
+    solver: "host" (scipy through a callback) or "device" (optax Hungarian).
+    num_threads: threads of the host solver.
+    mesh, batch_axis: the device mesh and its data axis when the batch is sharded (see
+      `matcher.match`); None on a single device.
+
+  Call: criterion(outputs, targets) with the model's output dict (aux outputs optional) ->
+  (loss, terms). `loss` is the weighted sum of loss_ce, loss_bbox, loss_giou over all layers,
+  a float32 scalar. `terms` holds loss_ce, loss_bbox, loss_giou, cardinality_error for the last
+  layer, the same with suffixes _0 .. _{L-2} for the earlier layers, and class_error (top-1
+  error of matched queries in %, last layer; 100 when nothing is matched). class_error and
+  cardinality_error carry no gradient.
+  """
+
+  num_classes: int
+  eos_coef: float = 0.1
+  cost_weights: matcher_lib.CostWeights = matcher_lib.CostWeights()
+  bbox_loss_coef: float = 5.0
+  giou_loss_coef: float = 2.0
+  solver: str = "host"
+  num_threads: int = 1
+  mesh: Optional[Mesh] = None
+  batch_axis: str = "data"
+
+  def __call__(self, outputs: Mapping[str, Any], targets: Mapping[str, jnp.ndarray]):
+    layers = [*outputs.get("aux_outputs", []), outputs]
+    pred_logits = jnp.stack([layer["pred_logits"] for layer in layers]).astype(jnp.float32)
+    pred_boxes = jnp.stack([layer["pred_boxes"] for layer in layers]).astype(jnp.float32)
+    valid = targets["mask"].astype(bool)
+    # Neutral values in padded slots keep NaN or garbage out of every product and gradient.
+    labels = jnp.where(valid, targets["labels"], 0).astype(jnp.int32)
+    boxes = jnp.where(valid[..., None], targets["boxes"], 0.5).astype(jnp.float32)
+
+    query_index = matcher_lib.match(pred_logits, pred_boxes, labels, boxes, valid, self.cost_weights,
+                                    self.solver, self.num_threads, self.mesh, self.batch_axis)
+    matched = query_index >= 0                                                  # [L, B, T]
+    num_boxes = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+
+    per_layer = {
+        "loss_ce": self._loss_ce(pred_logits, labels, query_index, matched),
+        **self._box_losses(pred_boxes, boxes, query_index, matched, num_boxes),
+        "cardinality_error": self._cardinality_error(pred_logits, valid),
+    }
+    terms = {}
+    for name, values in per_layer.items():
+      terms[name] = values[-1]
+      terms.update({f"{name}_{i}": values[i] for i in range(len(layers) - 1)})
+    terms["class_error"] = self._class_error(pred_logits[-1], labels, query_index[-1], matched[-1])
+    loss = (per_layer["loss_ce"] + self.bbox_loss_coef * per_layer["loss_bbox"]
+            + self.giou_loss_coef * per_layer["loss_giou"]).sum()
+    return loss, terms
+
+  def _loss_ce(self, pred_logits, labels, query_index, matched):
+    """Weighted cross-entropy over all queries, divided by the sum of weights: [L]."""
+    num_queries = pred_logits.shape[2]
+    assignment = jax.nn.one_hot(query_index, num_queries, dtype=bool) & matched[..., None]   # [L, B, T, Q]
+    is_matched = assignment.any(axis=2)
+    matched_label = jnp.where(assignment, labels[None, :, :, None], 0).sum(axis=2)
+    target_classes = jnp.where(is_matched, matched_label, self.num_classes)                # [L, B, Q]
+    log_probs = jax.nn.log_softmax(pred_logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, target_classes[..., None], axis=-1)[..., 0]
+    weight = jnp.where(target_classes == self.num_classes, self.eos_coef, 1.0)
+    return (weight * nll).sum(axis=(1, 2)) / weight.sum(axis=(1, 2))
+
+  def _box_losses(self, pred_boxes, boxes, query_index, matched, num_boxes):
+    """L1 (cxcywh) and 1 - GIoU (xyxy) summed over matched pairs, divided by num_boxes: [L] each."""
+    gathered = jnp.take_along_axis(pred_boxes, jnp.maximum(query_index, 0)[..., None], axis=2)   # [L, B, T, 4]
+    l1 = jnp.abs(gathered - boxes[None]).sum(-1)
+    giou = box_ops.generalized_box_iou(box_ops.cxcywh_to_xyxy(gathered), box_ops.cxcywh_to_xyxy(boxes)[None])
+    return {"loss_bbox": jnp.where(matched, l1, 0).sum(axis=(1, 2)) / num_boxes,
+            "loss_giou": jnp.where(matched, 1 - giou, 0).sum(axis=(1, 2)) / num_boxes}
+
+  def _cardinality_error(self, pred_logits, valid):
+    """Mean over images of |#queries not predicting "no object" - #targets|: [L]."""
+    logits = jax.lax.stop_gradient(pred_logits)
+    predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(-1)
+    return jnp.abs(predicted - valid.sum(-1)).astype(jnp.float32).mean(-1)
+
+  def _class_error(self, pred_logits, labels, query_index, matched):
+    """100 - top-1 accuracy (%) of the matched queries' classes (official `accuracy`)."""
+    logits = jax.lax.stop_gradient(pred_logits)
+    matched_logits = jnp.take_along_axis(logits, jnp.maximum(query_index, 0)[..., None], axis=1)   # [B, T, K+1]
+    correct = jnp.where(matched, matched_logits.argmax(-1) == labels, False).sum()
+    count = matched.sum()
+    return 100.0 - jnp.where(count > 0, 100.0 * correct / jnp.maximum(count, 1), 0.0)
