@@ -24,7 +24,7 @@ from transformers.loss.loss_for_object_detection import HungarianMatcher
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.timing import median_seconds  # noqa: E402
-from detr_jax import matcher  # noqa: E402
+from detr_jax import matcher, system  # noqa: E402
 
 
 def main():
@@ -71,12 +71,12 @@ def main():
 
   print(f"batch {args.batch}, {queries} queries, {layers} layers, targets per image: mean {counts.mean():.1f}, "
         f"max {counts.max()} (padded to {args.max_boxes}); JAX on {jax.devices()[0].device_kind}, "
-        f"torch threads {torch.get_num_threads()}, host threads available {matcher.default_num_threads()}")
+        f"torch threads {torch.get_num_threads()}, host threads available {system.available_cores()}")
   reference = median_seconds(run_official, args.iters)
   rows = [("(a) official, per layer and image", reference)]
   rows.append(("(b) ours, host, 1 thread", median_seconds(ours("host", 1), args.iters)))
-  rows.append((f"(b) ours, host, {matcher.default_num_threads()} threads",
-               median_seconds(ours("host", matcher.default_num_threads()), args.iters)))
+  rows.append((f"(b) ours, host, {system.available_cores()} threads",
+               median_seconds(ours("host", system.available_cores()), args.iters)))
   rows.append(("(c) ours, device (optax)", median_seconds(ours("device", 1), max(1, args.iters // 2))))
   print(f"{'way':<38} {'ms/step':>9} {'vs (a)':>8}")
   for name, seconds in rows:

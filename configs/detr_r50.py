@@ -27,5 +27,16 @@ def get_config():
       bbox_loss_coef=5.0, giou_loss_coef=2.0,         # loss_ce has weight 1
       solver="host",   # "host": scipy via callback (9x the official matcher on CPU); "device": optax
   ))
+  config.data = ml_collections.ConfigDict(dict(
+      source="coco_folder",      # or "tfds" (coco/2017 in a TFDS data dir / GCS bucket)
+      data_dir="",               # COCO folder: annotations/instances_{split}.json + {split}/
+      train_split="train2017",   # tfds: "train"
+      eval_split="val2017",      # tfds: "validation"
+      scale=1.0,                 # multiplies every image size of the recipe (800/1333)
+      max_boxes=100,
+      pad_multiple=128,          # batches padded to multiples of this: a handful of XLA programs
+      fixed_size=None,           # or (H, W): one program
+      keep_empty_train=True,
+  ))
   config.seed = 42
   return config

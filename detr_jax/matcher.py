@@ -12,7 +12,6 @@ Shapes: L decoder layers, B images, Q queries, T padded targets per image.
 
 from concurrent import futures
 import functools
-import os
 from typing import NamedTuple, Optional
 
 import jax
@@ -150,7 +149,3 @@ def match(pred_logits, pred_boxes, labels, boxes, valid, weights: CostWeights = 
                            out_specs=P(None, batch_axis))
   return assign(cost, valid)
 
-
-def default_num_threads() -> int:
-  """Threads for the host solver: the cores available to this process."""
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -1,0 +1,253 @@
+"""The tf.data input pipeline: sources, official transforms, padding buckets, sharding.
+
+A batch (per host) is a dict of numpy arrays:
+  image [b, H, W, 3] float32 (ImageNet-normalised, zero padding), pixel_mask [b, H, W] bool
+  (True on real pixels), labels [b, T] int32 (category ids), boxes [b, T, 4] float32 cxcywh
+  normalised to the unpadded image, mask [b, T] bool (real targets), image_id [b] int64,
+  orig_size [b, 2] int32 (height, width of the original image), size [b, 2] int32 (unpadded
+  height, width after resizing), example_mask [b] bool (False on eval padding examples).
+H and W come from a small set of shapes (multiples of `pad_multiple`, or `fixed_size`), so XLA
+compiles a handful of programs.
+
+Training order is a pure function of (seed, step): epoch e visits a stateless permutation of
+the split, process p takes every process_count-th entry, and element k of process p is augmented
+with a seed folded from (seed, p, k). Resuming at step s skips s * batch indices before any
+image is read, and yields the same batches as an uninterrupted run.
+"""
+
+import collections
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from detr_jax import system
+from detr_jax.data import coco, transforms
+
+COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+                     27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
+                     52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
+                     78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+  """Transform and batching options (the `config.data` fields of the same names).
+
+  scale: multiplies every image size of the official recipe (1.0 = 800/1333); tests and CPU
+    runs use e.g. 0.25 through the same code.
+  max_boxes: targets per image after padding (extra boxes are dropped).
+  pad_multiple: batches are padded to multiples of this in H and W; ignored with fixed_size.
+  fixed_size: (H, W) every batch is padded to; an image larger than it raises.
+  keep_empty_train: keep training images without annotations (the official code does).
+  """
+
+  scale: float = 1.0
+  max_boxes: int = 100
+  pad_multiple: int = 128
+  fixed_size: Optional[tuple] = None
+  keep_empty_train: bool = True
+
+  @classmethod
+  def from_config(cls, data_config) -> "PipelineOptions":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    options = {k: v for k, v in dict(data_config).items() if k in fields}
+    if options.get("fixed_size") is not None:
+      options["fixed_size"] = tuple(options["fixed_size"])
+    return cls(**options)
+
+
+def decode_image(path):
+  """Reads a JPEG/PNG (RGB, grayscale, CMYK or RGBA) as [H, W, 3] float32 in [0, 255]."""
+  image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  return tf.cast(image, tf.float32)
+
+
+def coco_folder_examples(records: coco.CocoRecords):
+  """A function index -> decoded example {"image", "boxes" (xyxy px), "labels", "image_id", "orig_size"}."""
+  paths = tf.constant(records.paths)
+  image_ids = tf.constant(records.image_ids)
+  sizes = tf.constant(records.sizes)
+  boxes = tf.RaggedTensor.from_row_lengths(records.boxes, records.row_lengths)
+  labels = tf.RaggedTensor.from_row_lengths(records.labels, records.row_lengths)
+
+  def example(index):
+    return {"image": decode_image(paths[index]), "boxes": boxes[index], "labels": labels[index],
+            "image_id": image_ids[index], "orig_size": sizes[index]}
+
+  return example
+
+
+def tfds_examples(split: str, data_dir: Optional[str], process_index: int, process_count: int,
+                  shuffle_seed: Optional[int] = None):
+  """tfds `coco/2017` mapped to the same example format (category ids, not tfds's 0..79 labels).
+
+  tfds boxes are normalised (ymin, xmin, ymax, xmax); crowd boxes and boxes without area are
+  dropped as in the COCO-folder source. Each process reads `tfds.split_for_jax_process`.
+  """
+  import tensorflow_datasets as tfds
+  process_split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
+  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed)
+  dataset = tfds.load("coco/2017", split=process_split, data_dir=data_dir, shuffle_files=shuffle_seed is not None,
+                      read_config=read_config)
+  category_ids = tf.constant(COCO_CATEGORY_IDS, tf.int32)
+
+  def convert(element):
+    image = tf.cast(element["image"], tf.float32)
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    objects = element["objects"]
+    ymin, xmin, ymax, xmax = tf.unstack(objects["bbox"], axis=-1)
+    scale = tf.cast(tf.stack([width, height, width, height]), tf.float32)
+    boxes = tf.stack([xmin, ymin, xmax, ymax], axis=-1) * scale
+    keep = ~objects["is_crowd"] & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return {"image": image, "boxes": tf.boolean_mask(boxes, keep),
+            "labels": tf.boolean_mask(tf.gather(category_ids, tf.cast(objects["label"], tf.int32)), keep),
+            "image_id": tf.cast(element["image/id"], tf.int64), "orig_size": tf.stack([height, width])}
+
+  return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _finish_example(example, max_boxes):
+  example = transforms.normalize(example)
+  num = tf.minimum(tf.shape(example["labels"])[0], max_boxes)
+  pad = max_boxes - num
+  image = example["image"]
+  return {
+      "image": image,
+      "pixel_mask": tf.ones(tf.shape(image)[:2], tf.bool),
+      "labels": tf.pad(example["labels"][:num], [[0, pad]]),
+      "boxes": tf.pad(example["boxes"][:num], [[0, pad], [0, 0]]),
+      "mask": tf.sequence_mask(num, max_boxes),
+      "image_id": example["image_id"],
+      "orig_size": tf.cast(example["orig_size"], tf.int32),
+      "size": tf.cast(example["size"], tf.int32),
+      "example_mask": tf.constant(True),
+  }
+
+
+def _pad_batch(batch, options: PipelineOptions):
+  height, width = tf.shape(batch["image"])[1], tf.shape(batch["image"])[2]
+  if options.fixed_size is not None:
+    target_h, target_w = options.fixed_size
+    tf.debugging.assert_less_equal(tf.stack([height, width]), tf.constant([target_h, target_w]),
+                                   message="an image is larger than data.fixed_size")
+  else:
+    multiple = options.pad_multiple
+    target_h = (height + multiple - 1) // multiple * multiple
+    target_w = (width + multiple - 1) // multiple * multiple
+  extra = [[0, 0], [0, target_h - height], [0, target_w - width]]
+  return {**batch, "image": tf.pad(batch["image"], extra + [[0, 0]]),
+          "pixel_mask": tf.pad(batch["pixel_mask"], extra)}
+
+
+def _batch(dataset, batch_size, options: PipelineOptions):
+  dataset = dataset.padded_batch(batch_size, drop_remainder=True)
+  dataset = dataset.map(lambda b: _pad_batch(b, options), num_parallel_calls=tf.data.AUTOTUNE)
+  return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _process():
+  return jax.process_index(), jax.process_count()
+
+
+def train_dataset(records: coco.CocoRecords, batch_size: int, seed: int, options: PipelineOptions,
+                  start_step: int = 0, process: Optional[tuple] = None) -> tf.data.Dataset:
+  """Endless training batches of `batch_size` (per process) from a COCO-folder split.
+
+  Args:
+    records: from `coco.load_coco_folder`.
+    batch_size: examples per process per step.
+    seed: the run's seed; with `start_step` it fixes every batch.
+    start_step: steps already taken (resume); skipped without reading images.
+    process: (process_index, process_count), default from jax.
+  """
+  process_index, process_count = process or _process()
+  num = len(records)
+  per_process = num // process_count
+  if per_process < batch_size:
+    raise ValueError(f"{num} training images over {process_count} processes cannot fill a batch of {batch_size}.")
+
+  def epoch_indices(epoch):
+    order = tf.random.experimental.stateless_shuffle(tf.range(num, dtype=tf.int64),
+                                                     seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+    return tf.data.Dataset.from_tensor_slices(order[process_index::process_count][:per_process])
+
+  indices = tf.data.Dataset.range(2**62).flat_map(epoch_indices).enumerate().skip(start_step * batch_size)
+  load = coco_folder_examples(records)
+  base_seed = tf.constant([seed, process_index], tf.int64)
+
+  def example(position, index):
+    augment_seed = tf.random.experimental.stateless_fold_in(base_seed, position)
+    return _finish_example(transforms.train_augment(load(index), augment_seed, options.scale), options.max_boxes)
+
+  dataset = indices.map(example, num_parallel_calls=system.available_cores(), deterministic=True)
+  return _batch(dataset.ignore_errors(log_warning=True), batch_size, options)
+
+
+def eval_dataset(records: coco.CocoRecords, batch_size: int, options: PipelineOptions,
+                 process: Optional[tuple] = None, max_images: Optional[int] = None) -> tf.data.Dataset:
+  """One pass over the split in id order, each process taking every process_count-th image.
+
+  Every process yields the same number of batches: the tail is filled with copies marked
+  example_mask=False, which evaluation must drop.
+  """
+  process_index, process_count = process or _process()
+  num = len(records) if max_images is None else min(max_images, len(records))
+  per_process = math.ceil(math.ceil(num / process_count) / batch_size) * batch_size
+  positions = np.arange(per_process) * process_count + process_index
+  indices = tf.data.Dataset.from_tensor_slices((np.minimum(positions, num - 1), positions < num))
+  load = coco_folder_examples(records)
+
+  def example(index, real):
+    return {**_finish_example(transforms.eval_resize(load(index), options.scale), options.max_boxes),
+            "example_mask": real}
+
+  dataset = indices.map(example, num_parallel_calls=system.available_cores(), deterministic=True)
+  return _batch(dataset, batch_size, options)
+
+
+def tfds_dataset(split: str, batch_size: int, seed: int, options: PipelineOptions, train: bool,
+                 data_dir: Optional[str] = None, start_step: int = 0, process: Optional[tuple] = None):
+  """Batches from tfds `coco/2017` (a TFDS data dir or GCS bucket), same format as the folder source.
+
+  Training shuffles files and examples with `seed` and repeats; resuming skips
+  start_step * batch_size examples (read, then dropped: slower than the folder source).
+  """
+  process_index, process_count = process or _process()
+  dataset = tfds_examples(split, data_dir, process_index, process_count, shuffle_seed=seed if train else None)
+  if not train:
+    dataset = dataset.map(lambda e: _finish_example(transforms.eval_resize(e, options.scale), options.max_boxes),
+                          num_parallel_calls=system.available_cores(), deterministic=True)
+    return _batch(dataset, batch_size, options)
+  dataset = dataset.shuffle(1024, seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
+  base_seed = tf.constant([seed, process_index], tf.int64)
+  dataset = dataset.skip(start_step * batch_size).map(
+      lambda position, e: _finish_example(
+          transforms.train_augment(e, tf.random.experimental.stateless_fold_in(base_seed, position), options.scale),
+          options.max_boxes),
+      num_parallel_calls=system.available_cores(), deterministic=True)
+  return _batch(dataset, batch_size, options)
+
+
+def to_global_batch(batch: dict, sharding) -> dict:
+  """Per-process numpy batch -> global jax.Arrays sharded over the mesh's data axis.
+
+  `sharding` is e.g. NamedSharding(mesh, PartitionSpec("data")); the global batch is the
+  concatenation of every process's batch in process order.
+  """
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def prefetch_to_mesh(dataset: tf.data.Dataset, sharding, size: int = 2):
+  """Iterates global batches, keeping `size` batches already transferred to the devices."""
+  queue = collections.deque()
+  for batch in dataset.as_numpy_iterator():
+    queue.append(to_global_batch(batch, sharding))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+

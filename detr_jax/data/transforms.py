@@ -1,0 +1,117 @@
+"""DETR's augmentations as TensorFlow ops (official `datasets/transforms.py` and `datasets/coco.py`).
+
+An example is {"image": [H, W, 3] float32 in [0, 255], "boxes": [N, 4] float32 xyxy pixels,
+"labels": [N] int32, ...}. Randomness is stateless: every op takes a [2] int32 seed, so the
+same (seed, element index) always gives the same augmentation.
+"""
+
+import tensorflow as tf
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TRAIN_SCALES = tuple(range(480, 801, 32))
+
+
+def target_size(height, width, size, max_size=None):
+  """Official `get_size_with_aspect_ratio`: (new_h, new_w) with shorter side `size`, longer <= max_size.
+
+  Python float64 arithmetic, round-half-even and truncation, reproduced in float64 TF ops.
+  """
+  h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+  size = tf.cast(size, tf.float64)
+  if max_size is not None:
+    short, long = tf.minimum(h, w), tf.maximum(h, w)
+    size = tf.where(long / short * size > max_size, tf.round(max_size * short / long), size)
+  new_h = tf.where(w < h, tf.floor(size * h / w), size)
+  new_w = tf.where(w < h, size, tf.floor(size * w / h))
+  # Official returns the original size when the shorter side already equals `size`.
+  keep = ((w <= h) & (w == size)) | ((h <= w) & (h == size))
+  new_h, new_w = tf.where(keep, h, new_h), tf.where(keep, w, new_w)
+  return tf.cast(new_h, tf.int32), tf.cast(new_w, tf.int32)
+
+
+def resize(example, size, max_size=None):
+  """Resizes the shorter side to `size` (bilinear, antialiased when shrinking) and scales the boxes."""
+  image = example["image"]
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  new_h, new_w = target_size(height, width, size, max_size)
+  resized = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
+  ratio = tf.cast(tf.stack([new_w, new_h, new_w, new_h]), tf.float32) / tf.cast(
+      tf.stack([width, height, width, height]), tf.float32)
+  return {**example, "image": resized, "boxes": example["boxes"] * ratio}
+
+
+def random_resize(example, sizes, max_size, seed):
+  """Official `RandomResize`: a shorter side drawn uniformly from `sizes`."""
+  index = tf.random.stateless_uniform([], seed, 0, len(sizes), dtype=tf.int32)
+  return resize(example, tf.gather(tf.constant(sizes), index), max_size)
+
+
+def horizontal_flip(example):
+  image = example["image"]
+  width = tf.cast(tf.shape(image)[1], tf.float32)
+  x0, y0, x1, y1 = tf.unstack(example["boxes"], axis=-1)
+  return {**example, "image": image[:, ::-1], "boxes": tf.stack([width - x1, y0, width - x0, y1], axis=-1)}
+
+
+def random_size_crop(example, min_size, max_size, seed):
+  """Official `RandomSizeCrop`: a crop of random size in [min_size, min(side, max_size)], then
+  boxes are shifted, clipped to the crop, and those left with no area are dropped."""
+  image = example["image"]
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  crop_w = _randint(seeds[0], min_size, tf.minimum(width, max_size))
+  crop_h = _randint(seeds[1], min_size, tf.minimum(height, max_size))
+  top = _randint(seeds[2], 0, height - crop_h)
+  left = _randint(seeds[3], 0, width - crop_w)
+  image = image[top:top + crop_h, left:left + crop_w]
+  offset = tf.cast(tf.stack([left, top, left, top]), tf.float32)
+  limit = tf.cast(tf.stack([crop_w, crop_h, crop_w, crop_h]), tf.float32)
+  boxes = tf.clip_by_value(example["boxes"] - offset, 0.0, limit)
+  keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+  return {**example, "image": image, "boxes": tf.boolean_mask(boxes, keep),
+          "labels": tf.boolean_mask(example["labels"], keep)}
+
+
+def _randint(seed, low, high):
+  """Uniform integer in [low, high] inclusive (Python's random.randint)."""
+  return tf.random.stateless_uniform([], seed, low, tf.maximum(high, low) + 1, dtype=tf.int32)
+
+
+def train_augment(example, seed, scale: float = 1.0):
+  """The official training augmentation, all sizes multiplied by `scale` (1.0 = the paper's).
+
+  flip (p=0.5); then with p=0.5 either RandomResize(480..800 step 32, max 1333) or
+  RandomResize({400, 500, 600}) -> RandomSizeCrop(384, 600) -> RandomResize(480..800, max 1333).
+  """
+  seeds = tf.random.experimental.stateless_split(seed, 6)
+  sizes = tuple(int(round(s * scale)) for s in TRAIN_SCALES)
+  max_size = int(round(1333 * scale))
+  flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
+  example = tf.cond(flip, lambda: horizontal_flip(example), lambda: example)
+
+  def plain():
+    return random_resize(example, sizes, max_size, seeds[2])
+
+  def crop():
+    cropped = random_resize(example, tuple(int(round(s * scale)) for s in (400, 500, 600)), None, seeds[3])
+    cropped = random_size_crop(cropped, int(round(384 * scale)), int(round(600 * scale)), seeds[4])
+    return random_resize(cropped, sizes, max_size, seeds[5])
+
+  return tf.cond(tf.random.stateless_uniform([], seeds[1]) < 0.5, plain, crop)
+
+
+def eval_resize(example, scale: float = 1.0):
+  """Official validation transform: shorter side 800, longer at most 1333 (times `scale`)."""
+  return resize(example, int(round(800 * scale)), int(round(1333 * scale)))
+
+
+def normalize(example):
+  """ImageNet mean/std on RGB/255; boxes become cxcywh normalised by the unpadded image size."""
+  image = example["image"]
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  image = (image / 255.0 - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+  x0, y0, x1, y1 = tf.unstack(example["boxes"], axis=-1)
+  cxcywh = tf.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)
+  size = tf.cast(tf.stack([width, height, width, height]), tf.float32)
+  return {**example, "image": image, "boxes": cxcywh / size, "size": tf.stack([height, width])}
