@@ -1,6 +1,5 @@
 """The tf.data pipeline on real coco-mini data, and its handling of bad input."""
 
-import io
 import json
 import os
 import shutil

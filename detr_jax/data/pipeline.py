@@ -86,7 +86,7 @@ def tfds_examples(split: str, data_dir: Optional[str], process_index: int, proce
   """tfds `coco/2017` mapped to the same example format (category ids, not tfds's 0..79 labels).
 
   tfds boxes are normalised (ymin, xmin, ymax, xmax); crowd boxes and boxes without area are
-  dropped as in the COCO-folder source. Each process reads `tfds.split_for_jax_process`.
+  dropped as in the COCO-folder source. Each process reads its part of `tfds.even_splits(split, process_count)`.
   """
   import tensorflow_datasets as tfds
   process_split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
@@ -184,6 +184,8 @@ def train_dataset(records: coco.CocoRecords, batch_size: int, seed: int, options
     return _finish_example(transforms.train_augment(load(index), augment_seed, options.scale), options.max_boxes)
 
   dataset = indices.map(example, num_parallel_calls=system.available_cores(), deterministic=True)
+  # Files that pass the header check in `coco.image_problem` but fail to decode are dropped with a
+  # logged warning rather than ending the run; `python -m detr_jax.data.check` names them.
   return _batch(dataset.ignore_errors(log_warning=True), batch_size, options)
 
 
