@@ -248,3 +248,35 @@ def test_tfds_source_maps_to_category_ids():
     assert batch["image"].shape[1] % 32 == 0
   for batch in train:
     assert set(batch["labels"][batch["mask"]].tolist()) <= {1, 13}
+
+
+GLOBAL_BATCH_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from detr_jax.data import coco, pipeline
+records = coco.load_coco_folder(sys.argv[1], "val2017")
+options = pipeline.PipelineOptions(scale=0.1, pad_multiple=32)
+dataset = pipeline.eval_dataset(records, 8, options, max_images=16)
+local = list(dataset.as_numpy_iterator())
+sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+batches = list(pipeline.prefetch_to_mesh(dataset, sharding))
+result = {"count": len(batches), "devices": len(batches[0]["image"].sharding.device_set),
+          "equal": all(np.array_equal(np.asarray(g[k]), l[k]) for g, l in zip(batches, local) for k in l),
+          "shard_shape": list(batches[0]["image"].addressable_shards[0].data.shape)}
+print(json.dumps(result))
+"""
+
+
+def test_global_batches_on_8_device_mesh(coco_mini):
+  import subprocess
+  import sys
+  from tests.conftest import REPO_ROOT
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(REPO_ROOT))
+  run = subprocess.run([sys.executable, "-c", GLOBAL_BATCH_SCRIPT, str(coco_mini)], env=env, cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(run.stdout.strip().splitlines()[-1])
+  assert result["count"] == 2 and result["devices"] == 8 and result["equal"]
+  assert result["shard_shape"][0] == 1  # 8 images over 8 devices
