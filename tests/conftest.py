@@ -136,3 +136,19 @@ def coco_train_image_ids(coco_mini, count, offset=0):
   import json
   data = json.loads((coco_mini / "annotations" / "instances_train2017.json").read_text())
   return sorted(image["id"] for image in data["images"])[offset:offset + count]
+
+
+def run_on_cpu_devices(script: str, *args: str, devices: int = 8) -> dict:
+  """Runs `script` in a fresh Python with `devices` simulated CPU devices; returns its last line as JSON.
+
+  XLA_FLAGS must be set before JAX starts, hence the subprocess.
+  """
+  import json
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(REPO_ROOT))
+  run = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return json.loads(run.stdout.strip().splitlines()[-1])

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from detr_jax.data import check, coco, pipeline, transforms
+from tests.conftest import run_on_cpu_devices
 
 SMALL = pipeline.PipelineOptions(scale=0.25, pad_multiple=32)
 
@@ -269,14 +270,6 @@ print(json.dumps(result))
 
 
 def test_global_batches_on_8_device_mesh(coco_mini):
-  import subprocess
-  import sys
-  from tests.conftest import REPO_ROOT
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO_ROOT))
-  run = subprocess.run([sys.executable, "-c", GLOBAL_BATCH_SCRIPT, str(coco_mini)], env=env, cwd=REPO_ROOT,
-                       capture_output=True, text=True, timeout=300)
-  assert run.returncode == 0, run.stderr[-3000:]
-  result = json.loads(run.stdout.strip().splitlines()[-1])
+  result = run_on_cpu_devices(GLOBAL_BATCH_SCRIPT, str(coco_mini))
   assert result["count"] == 2 and result["devices"] == 8 and result["equal"]
   assert result["shard_shape"][0] == 1  # 8 images over 8 devices

@@ -1,9 +1,5 @@
 """Box ops against transformers' PyTorch box utilities; matchers against scipy's optimum."""
 
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +10,7 @@ import torch
 from transformers.loss import loss_for_object_detection as hf_ops
 
 from detr_jax import box_ops, matcher
-from tests.conftest import REPO_ROOT, coco_targets, coco_train_image_ids
+from tests.conftest import coco_targets, coco_train_image_ids, run_on_cpu_devices
 
 
 def test_box_ops_match_transformers(coco_mini):
@@ -137,12 +133,7 @@ def test_loss_on_8_device_mesh_equals_single_device(coco_mini):
   The device solver runs on the mesh; the host solver refuses a multi-device CPU mesh with a
   clear error (XLA:CPU deadlock, see `matcher.match`).
   """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO_ROOT))
-  run = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(coco_mini)], env=env, cwd=REPO_ROOT,
-                       capture_output=True, text=True, timeout=600)
-  assert run.returncode == 0, run.stderr[-3000:]
-  results = json.loads(run.stdout.strip().splitlines()[-1])
+  results = run_on_cpu_devices(SHARDED_SCRIPT, str(coco_mini))
   assert results["devices"] == 8
   assert "cannot run on a 8-device CPU mesh" in results["host_on_cpu_mesh"]
   loss1, loss8 = results["loss"]
