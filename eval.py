@@ -38,7 +38,9 @@ def load_model(config, checkpoint):
       porting.save_pytorch_checkpoint(variables, path)
       model, ported = porting.load_pytorch_checkpoint(path, dilation=config.model.dilation)
     original, round_trip = porting.to_pytorch_state_dict(variables), porting.to_pytorch_state_dict(ported)
-    assert all(np.array_equal(original[k], round_trip[k]) for k in original), "port round trip changed weights"
+    changed = [k for k in original if not np.array_equal(original[k], round_trip[k])]
+    if changed:
+      raise RuntimeError(f"The port round trip changed {len(changed)} tensors, e.g. {changed[:3]}.")
     print(f"Random-init {porting.describe(porting.model_config(model))}: exported to the official "
           f"layout ({len(original)} tensors) and ported back bit-exactly.")
     return model, ported
