@@ -24,6 +24,14 @@ from detr_jax import box_ops
 from detr_jax import matcher as matcher_lib
 
 
+def _at_matched_queries(per_query, query_index):
+  """[..., Q, F] predictions at each target's matched query -> [..., T, F].
+
+  Unmatched targets (index -1) read query 0; callers mask them out.
+  """
+  return jnp.take_along_axis(per_query, jnp.maximum(query_index, 0)[..., None], axis=-2)
+
+
 @dataclasses.dataclass(frozen=True)
 class SetCriterion:
   """Matches each decoder layer independently and computes the official loss terms.
@@ -98,7 +106,7 @@ class SetCriterion:
 
   def _box_losses(self, pred_boxes, boxes, query_index, matched, num_boxes):
     """L1 (cxcywh) and 1 - GIoU (xyxy) summed over matched pairs, divided by num_boxes: [L] each."""
-    gathered = jnp.take_along_axis(pred_boxes, jnp.maximum(query_index, 0)[..., None], axis=2)   # [L, B, T, 4]
+    gathered = _at_matched_queries(pred_boxes, query_index)                    # [L, B, T, 4]
     l1 = jnp.abs(gathered - boxes[None]).sum(-1)
     giou = box_ops.generalized_box_iou(box_ops.cxcywh_to_xyxy(gathered), box_ops.cxcywh_to_xyxy(boxes)[None])
     return {"loss_bbox": jnp.where(matched, l1, 0).sum(axis=(1, 2)) / num_boxes,
@@ -113,7 +121,7 @@ class SetCriterion:
   def _class_error(self, pred_logits, labels, query_index, matched):
     """100 - top-1 accuracy (%) of the matched queries' classes (official `accuracy`)."""
     logits = jax.lax.stop_gradient(pred_logits)
-    matched_logits = jnp.take_along_axis(logits, jnp.maximum(query_index, 0)[..., None], axis=1)   # [B, T, K+1]
+    matched_logits = _at_matched_queries(logits, query_index)                  # [B, T, K+1]
     correct = jnp.where(matched, matched_logits.argmax(-1) == labels, False).sum()
     count = matched.sum()
     return 100.0 - jnp.where(count > 0, 100.0 * correct / jnp.maximum(count, 1), 0.0)

@@ -153,6 +153,29 @@ def _process():
   return jax.process_index(), jax.process_count()
 
 
+def _parallel_map(dataset, fn):
+  return dataset.map(fn, num_parallel_calls=system.available_cores(), deterministic=True)
+
+
+def _train_example(seed: int, process_index: int, options: PipelineOptions):
+  """(position in this process's stream, example) -> augmented, padded training example.
+
+  The augmentation seed is folded from (seed, process_index, position), so it depends on
+  where the example falls in the stream, never on timing or on the source.
+  """
+  base_seed = tf.constant([seed, process_index], tf.int64)
+
+  def apply(position, example):
+    augment_seed = tf.random.experimental.stateless_fold_in(base_seed, position)
+    return _finish_example(transforms.train_augment(example, augment_seed, options.scale), options.max_boxes)
+
+  return apply
+
+
+def _eval_example(example, options: PipelineOptions):
+  return _finish_example(transforms.eval_resize(example, options.scale), options.max_boxes)
+
+
 def train_dataset(records: coco.CocoRecords, batch_size: int, seed: int, options: PipelineOptions,
                   start_step: int = 0, process: Optional[tuple] = None) -> tf.data.Dataset:
   """Endless training batches of `batch_size` (per process) from a COCO-folder split.
@@ -177,13 +200,8 @@ def train_dataset(records: coco.CocoRecords, batch_size: int, seed: int, options
 
   indices = tf.data.Dataset.range(2**62).flat_map(epoch_indices).enumerate().skip(start_step * batch_size)
   load = coco_folder_examples(records)
-  base_seed = tf.constant([seed, process_index], tf.int64)
-
-  def example(position, index):
-    augment_seed = tf.random.experimental.stateless_fold_in(base_seed, position)
-    return _finish_example(transforms.train_augment(load(index), augment_seed, options.scale), options.max_boxes)
-
-  dataset = indices.map(example, num_parallel_calls=system.available_cores(), deterministic=True)
+  augment = _train_example(seed, process_index, options)
+  dataset = _parallel_map(indices, lambda position, index: augment(position, load(index)))
   # Files that pass the header check in `coco.image_problem` but fail to decode are dropped with a
   # logged warning rather than ending the run; `python -m detr_jax.data.check` names them.
   return _batch(dataset.ignore_errors(log_warning=True), batch_size, options)
@@ -203,11 +221,7 @@ def eval_dataset(records: coco.CocoRecords, batch_size: int, options: PipelineOp
   indices = tf.data.Dataset.from_tensor_slices((np.minimum(positions, num - 1), positions < num))
   load = coco_folder_examples(records)
 
-  def example(index, real):
-    return {**_finish_example(transforms.eval_resize(load(index), options.scale), options.max_boxes),
-            "example_mask": real}
-
-  dataset = indices.map(example, num_parallel_calls=system.available_cores(), deterministic=True)
+  dataset = _parallel_map(indices, lambda index, real: {**_eval_example(load(index), options), "example_mask": real})
   return _batch(dataset, batch_size, options)
 
 
@@ -221,16 +235,9 @@ def tfds_dataset(split: str, batch_size: int, seed: int, options: PipelineOption
   process_index, process_count = process or _process()
   dataset = tfds_examples(split, data_dir, process_index, process_count, shuffle_seed=seed if train else None)
   if not train:
-    dataset = dataset.map(lambda e: _finish_example(transforms.eval_resize(e, options.scale), options.max_boxes),
-                          num_parallel_calls=system.available_cores(), deterministic=True)
-    return _batch(dataset, batch_size, options)
+    return _batch(_parallel_map(dataset, lambda e: _eval_example(e, options)), batch_size, options)
   dataset = dataset.shuffle(1024, seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
-  base_seed = tf.constant([seed, process_index], tf.int64)
-  dataset = dataset.skip(start_step * batch_size).map(
-      lambda position, e: _finish_example(
-          transforms.train_augment(e, tf.random.experimental.stateless_fold_in(base_seed, position), options.scale),
-          options.max_boxes),
-      num_parallel_calls=system.available_cores(), deterministic=True)
+  dataset = _parallel_map(dataset.skip(start_step * batch_size), _train_example(seed, process_index, options))
   return _batch(dataset, batch_size, options)
 
 
