@@ -1,5 +1,7 @@
 """Shared fixtures: the real coco-mini data and reference PyTorch models built from config."""
 
+import functools
+import json
 import os
 import pathlib
 
@@ -107,8 +109,7 @@ def coco_targets(coco_mini, image_ids, max_boxes=None):
   Returns {"labels" [B, T] int32, "boxes" [B, T, 4] cxcywh normalised, "mask" [B, T] bool} and the
   unpadded per-image lists (labels, boxes) for reference implementations.
   """
-  import json
-  data = json.loads((coco_mini / "annotations" / "instances_train2017.json").read_text())
+  data = train_annotations(coco_mini)
   images = {image["id"]: image for image in data["images"]}
   per_image = {image_id: [] for image_id in image_ids}
   for ann in data["annotations"]:
@@ -132,10 +133,14 @@ def coco_targets(coco_mini, image_ids, max_boxes=None):
   return padded, lists
 
 
+@functools.lru_cache(maxsize=None)
+def train_annotations(coco_mini) -> dict:
+  """coco-mini's instances_train2017.json, parsed once per session (callers must not mutate it)."""
+  return json.loads((coco_mini / "annotations" / "instances_train2017.json").read_text())
+
+
 def coco_train_image_ids(coco_mini, count, offset=0):
-  import json
-  data = json.loads((coco_mini / "annotations" / "instances_train2017.json").read_text())
-  return sorted(image["id"] for image in data["images"])[offset:offset + count]
+  return sorted(image["id"] for image in train_annotations(coco_mini)["images"])[offset:offset + count]
 
 
 def run_on_cpu_devices(script: str, *args: str, devices: int = 8) -> dict:
@@ -143,7 +148,6 @@ def run_on_cpu_devices(script: str, *args: str, devices: int = 8) -> dict:
 
   XLA_FLAGS must be set before JAX starts, hence the subprocess.
   """
-  import json
   import subprocess
   import sys
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
