@@ -53,6 +53,7 @@ class PipelineOptions:
 
   @classmethod
   def from_config(cls, data_config) -> "PipelineOptions":
+    """The options among `config.data`'s fields; other fields (paths, splits) are ignored."""
     fields = {f.name for f in dataclasses.fields(cls)}
     options = {k: v for k, v in dict(data_config).items() if k in fields}
     if options.get("fixed_size") is not None:
@@ -186,6 +187,10 @@ def train_dataset(records: coco.CocoRecords, batch_size: int, seed: int, options
     seed: the run's seed; with `start_step` it fixes every batch.
     start_step: steps already taken (resume); skipped without reading images.
     process: (process_index, process_count), default from jax.
+  Returns:
+    a tf.data.Dataset of batches in the format of this module's docstring.
+  Raises:
+    ValueError: the split has fewer images per process than `batch_size`.
   """
   process_index, process_count = process or _process()
   num = len(records)

@@ -48,6 +48,7 @@ def random_resize(example, sizes, max_size, seed):
 
 
 def horizontal_flip(example):
+  """Official `RandomHorizontalFlip`'s flip: mirrors the image; xyxy pixel boxes x -> width - x."""
   image = example["image"]
   width = tf.cast(tf.shape(image)[1], tf.float32)
   x0, y0, x1, y1 = tf.unstack(example["boxes"], axis=-1)
