@@ -1,76 +1,62 @@
-r"""DETR inference with a ported checkpoint.
+r"""COCO box evaluation of a DETR checkpoint: jit-compiled inference over the mesh, pycocotools AP.
 
 Usage:
-  python eval.py --config configs/detr_r50.py [--checkpoint CKPT] [--num_images 2]
+  python eval.py --config configs/detr_r50.py --checkpoint CKPT --data_dir DIR \
+      [--split val2017] [--output_dir OUT] [--max_images N] [--config.eval_batch_size=16]
 
-CKPT is an orbax checkpoint directory written by `python -m detr_jax.porting import`, or a
-PyTorch `.pth` / `.safetensors` file (official or Hugging Face), ported on the fly. Without
---checkpoint, a model initialised from the config with the official initialisers is exported to
-the official `.pth` layout, ported back, and checked to be identical: the porter's round trip.
-Inference is jit-compiled on generated images; COCO evaluation arrives with the training issue.
+CKPT is a train.py workdir (its latest checkpoint), an orbax directory written by
+`python -m detr_jax.porting import`, or a PyTorch `.pth` / `.safetensors` file (official or
+Hugging Face), ported on the fly. The model's architecture comes from the checkpoint; the config
+gives the data settings (scale, padding), the eval batch size and, for `.pth` files, DC5.
+Prints the metrics table; OUT gets metrics.json and detections.json (COCO results format).
 """
 
 import os
-import tempfile
-import time
 
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 from ml_collections import config_flags
 
-from detr_jax import detr, porting, postprocess, synthetic
+from detr_jax import evaluation, porting, training
+from detr_jax.data import pipeline
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/detr_r50.py", "Model config file.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "orbax directory, .pth or .safetensors file.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 2, "Generated images to run.")
-_SHORTER_SIDE = flags.DEFINE_integer("shorter_side", 512, "Shorter side of the generated images, in pixels.")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/detr_r50.py", "Config file (data and eval settings).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "train.py workdir, orbax directory, .pth or .safetensors file.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "COCO folder; default config.data.data_dir.")
+_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate; default config.data.eval_split.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write metrics.json and detections.json.")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Evaluate only the first N images (by id).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process).")
+flags.mark_flags_as_required(["checkpoint"])
 
 
-def load_model(config, checkpoint):
-  """(model, variables) from a checkpoint, or a random init ported through the official layout."""
-  if checkpoint is None:
-    model = detr.from_config(config.model)
-    variables = detr.init_variables(model, jax.random.PRNGKey(config.seed))
-    with tempfile.TemporaryDirectory() as tmp:
-      path = os.path.join(tmp, "detr.pth")
-      porting.save_pytorch_checkpoint(variables, path)
-      model, ported = porting.load_pytorch_checkpoint(path, dilation=config.model.dilation)
-    original, round_trip = porting.to_pytorch_state_dict(variables), porting.to_pytorch_state_dict(ported)
-    changed = [k for k in original if not np.array_equal(original[k], round_trip[k])]
-    if changed:
-      raise RuntimeError(f"The port round trip changed {len(changed)} tensors, e.g. {changed[:3]}.")
-    print(f"Random-init {porting.describe(porting.model_config(model))}: exported to the official "
-          f"layout ({len(original)} tensors) and ported back bit-exactly.")
-    return model, ported
+def load_model(checkpoint: str, dilation: bool, mesh):
+  """(model, variables) from a workdir, an orbax directory or a PyTorch file."""
+  if os.path.isdir(os.path.join(checkpoint, training.CHECKPOINT_DIR)):
+    return training.restore_variables(checkpoint, mesh)
   if os.path.isdir(checkpoint):
     return porting.load_checkpoint(checkpoint)
-  return porting.load_pytorch_checkpoint(checkpoint, dilation=config.model.dilation)
+  return porting.load_pytorch_checkpoint(checkpoint, dilation=dilation)
 
 
 def main(argv):
   del argv
+  training.quiet_library_logs()
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
   config = _CONFIG.value
-  model, variables = load_model(config, _CHECKPOINT.value)
-  side = _SHORTER_SIDE.value
-  sizes = [(side, side * 4 // 3) if i % 2 == 0 else (side * 4 // 3, side) for i in range(_NUM_IMAGES.value)]
-  images, mask, _ = synthetic.generated_batch(config.seed, sizes)
-  forward = jax.jit(model.apply)
-  start = time.perf_counter()
-  outputs = jax.block_until_ready(forward(variables, images, mask))
-  compile_and_run = time.perf_counter() - start
-  start = time.perf_counter()
-  outputs = jax.block_until_ready(forward(variables, images, mask))
-  run = time.perf_counter() - start
-  scores, labels, boxes = postprocess.detections(outputs, np.array(sizes))
-  print(f"Forward on {len(sizes)} generated images padded to {images.shape[1]}x{images.shape[2]}: "
-        f"{compile_and_run:.1f} s with compilation, {run * 1000 / len(sizes):.0f} ms/image after.")
-  for i, size in enumerate(sizes):
-    top = np.argsort(-np.asarray(scores[i]))[:3]
-    listed = ", ".join(f"class {int(labels[i, q])} {float(scores[i, q]):.3f} "
-                       f"[{', '.join(f'{c:.0f}' for c in np.asarray(boxes[i, q]))}]" for q in top)
-    print(f"  image {i} ({size[0]}x{size[1]}): top queries {listed}")
+  mesh = training.create_mesh()
+  model, variables = load_model(_CHECKPOINT.value, config.model.dilation, mesh)
+  data_dir = _DATA_DIR.value or config.data.data_dir
+  if not data_dir and config.data.source == "generated":
+    data_dir = training.data_dir(config, _CHECKPOINT.value)
+  split = _SPLIT.value or config.data.eval_split
+  metrics = evaluation.evaluate(model, variables, data_dir, split, config.eval_batch_size,
+                                pipeline.PipelineOptions.from_config(config.data), mesh,
+                                output_dir=_OUTPUT_DIR.value, max_images=_MAX_IMAGES.value)
+  print(f"{porting.describe(porting.model_config(model))} on {data_dir}/{split} ({metrics['num_images']} images):")
+  print(evaluation.metrics_table(metrics))
 
 
 if __name__ == "__main__":

@@ -28,15 +28,38 @@ def get_config():
       solver="host",   # "host": scipy via callback (9x the official matcher on CPU); "device": optax
   ))
   config.data = ml_collections.ConfigDict(dict(
-      source="coco_folder",      # or "tfds" (coco/2017 in a TFDS data dir / GCS bucket)
+      source="coco_folder",      # "tfds" (coco/2017 in a TFDS data dir / GCS bucket) or "generated"
       data_dir="",               # COCO folder: annotations/instances_{split}.json + {split}/
       train_split="train2017",   # tfds: "train"
       eval_split="val2017",      # tfds: "validation"
+      train_max_images=0,        # > 0: train on the first N images by id only
       scale=1.0,                 # multiplies every image size of the recipe (800/1333)
+      augment=True,              # the official training augmentation; False: eval resize
       max_boxes=100,
       pad_multiple=128,          # batches padded to multiples of this: a handful of XLA programs
       fixed_size=None,           # or (H, W): one program
       keep_empty_train=True,
   ))
+  config.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-4,
+      lr_backbone=1e-5,          # layer2..layer4; the stem, layer1 and all BatchNorm are frozen
+      weight_decay=1e-4,
+      clip_max_norm=0.1,
+      lr_drop_epochs=200,        # lr x0.1 after this many epochs
+  ))
+  config.init = ml_collections.ConfigDict(dict(
+      checkpoint="",             # DETR .pth / .safetensors (official or HF) or orbax dir: the whole model
+      backbone_checkpoint="",    # torchvision ResNet .pth: the backbone only (ImageNet weights)
+      reset_class_head=False,    # fine-tuning on other classes: fresh class_embed for model.num_classes
+  ))
+  config.batch_size = 64         # images per step over all devices (official: 2 per GPU on 32 V100s)
+  config.num_epochs = 300
+  config.num_train_steps = 0     # > 0 overrides num_epochs
+  config.eval_batch_size = 64
+  config.eval_every_steps = 0    # 0: evaluate only when training ends
+  config.eval_max_images = 0     # > 0: evaluate on the first N images only
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  config.checkpoints_to_keep = 3
   config.seed = 42
   return config

@@ -32,6 +32,15 @@ def _at_matched_queries(per_query, query_index):
   return jnp.take_along_axis(per_query, jnp.maximum(query_index, 0)[..., None], axis=-2)
 
 
+PER_LAYER_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
+
+
+def term_names(num_layers: int) -> list[str]:
+  """The keys of SetCriterion's `terms` for outputs with `num_layers` decoder layers (aux included)."""
+  return [*PER_LAYER_TERMS, *(f"{name}_{i}" for name in PER_LAYER_TERMS for i in range(num_layers - 1)),
+          "class_error"]
+
+
 @dataclasses.dataclass(frozen=True)
 class SetCriterion:
   """Matches each decoder layer independently and computes the official loss terms.
@@ -83,10 +92,8 @@ class SetCriterion:
         **self._box_losses(pred_boxes, boxes, query_index, matched, num_boxes),
         "cardinality_error": self._cardinality_error(pred_logits, valid),
     }
-    terms = {}
-    for name, values in per_layer.items():
-      terms[name] = values[-1]
-      terms.update({f"{name}_{i}": values[i] for i in range(len(layers) - 1)})
+    terms = {name: per_layer[name][-1] for name in PER_LAYER_TERMS}
+    terms.update({f"{name}_{i}": per_layer[name][i] for name in PER_LAYER_TERMS for i in range(len(layers) - 1)})
     terms["class_error"] = self._class_error(pred_logits[-1], labels, query_index[-1], matched[-1])
     loss = (per_layer["loss_ce"] + self.bbox_loss_coef * per_layer["loss_bbox"]
             + self.giou_loss_coef * per_layer["loss_giou"]).sum()

@@ -14,7 +14,7 @@ and nothing is returned or written.
 
 CLI:
   python -m detr_jax.porting import SRC.pth OUT_DIR [--dilation]   # writes an orbax checkpoint
-  python -m detr_jax.porting export OUT_DIR DST.pth                 # official layout for torch
+  python -m detr_jax.porting export OUT_DIR DST.pth                 # official layout for torch (OUT_DIR may be a train.py workdir)
 """
 
 import argparse
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
   import_cmd.add_argument("out_dir")
   import_cmd.add_argument("--dilation", action="store_true", help="the checkpoint is DC5")
   import_cmd.add_argument("--num_heads", type=int, default=8)
-  export_cmd = commands.add_parser("export", help="orbax checkpoint directory -> official .pth")
+  export_cmd = commands.add_parser("export", help="orbax checkpoint directory or train.py workdir -> official .pth")
   export_cmd.add_argument("checkpoint_dir")
   export_cmd.add_argument("destination")
   args = parser.parse_args(argv)
@@ -391,7 +391,11 @@ def main(argv=None) -> int:
       save_checkpoint(args.out_dir, model, variables)
       print(f"Imported {describe(model_config(model))} into {args.out_dir}")
     else:
-      _, variables = load_checkpoint(args.checkpoint_dir)
+      from detr_jax import training   # training imports this module
+      if os.path.isdir(os.path.join(args.checkpoint_dir, training.CHECKPOINT_DIR)):
+        _, variables = training.restore_variables(args.checkpoint_dir)
+      else:
+        _, variables = load_checkpoint(args.checkpoint_dir)
       save_pytorch_checkpoint(variables, args.destination)
       print(f"Exported {args.checkpoint_dir} to {args.destination} (official layout)")
   except (CheckpointMismatchError, FileNotFoundError, FileExistsError) as error:

@@ -10,7 +10,7 @@ import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 COCO_MINI = pathlib.Path(os.environ.get("DETR_JAX_COCO_MINI", REPO_ROOT.parent / "shared" / "coco-mini"))
-from detr_jax.synthetic import IMAGENET_MEAN, IMAGENET_STD
+from detr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
@@ -62,7 +62,7 @@ def two_real_images(coco_mini):
   return padded_batch([coco_mini / "val2017" / "000000000139.jpg", coco_mini / "val2017" / "000000000802.jpg"], 320)
 
 
-def hf_detr(depth=50, dilation=False, num_labels=91, seed=0):
+def hf_detr(depth=50, dilation=False, num_labels=91, seed=0, **config_overrides):
   """transformers' DetrForObjectDetection with random weights, built from config (no hub), eval mode.
 
   transformers ignores `dilation` for non-timm backbones, so DC5 is applied by hand as torchvision's
@@ -79,7 +79,7 @@ def hf_detr(depth=50, dilation=False, num_labels=91, seed=0):
   config = DetrConfig(
       use_timm_backbone=False, use_pretrained_backbone=False, backbone=None, num_labels=num_labels,
       backbone_config=ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=hidden_sizes,
-                                   out_features=["stage4"]))
+                                   out_features=["stage4"]), **config_overrides)
   model = DetrForObjectDetection(config)
   if dilation:
     stage = model.model.backbone.model.encoder.stages[3]

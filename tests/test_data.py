@@ -118,6 +118,19 @@ def test_same_seed_same_batches_and_resume(train_records):
   assert not np.array_equal(first[0]["image_id"], other[0]["image_id"])
 
 
+def test_global_batches_do_not_depend_on_the_process_count(train_records):
+  """Two processes with 2 images each see exactly the global batches of one process with 4."""
+  def batches(batch_size, process):
+    dataset = pipeline.train_dataset(train_records, batch_size, 5, SMALL, start_step=1, process=process)
+    return list(dataset.take(2).as_numpy_iterator())
+  single, first, second = batches(4, (0, 1)), batches(2, (0, 2)), batches(2, (1, 2))
+  for whole, a, b in zip(single, first, second):
+    np.testing.assert_array_equal(whole["image_id"], np.concatenate([a["image_id"], b["image_id"]]))
+    np.testing.assert_array_equal(whole["boxes"], np.concatenate([a["boxes"], b["boxes"]]))
+    height, width = a["image"].shape[1:3]
+    np.testing.assert_array_equal(whole["image"][:2, :height, :width], a["image"])   # same augmentation
+
+
 def test_two_processes_read_disjoint_shards(train_records, val_records):
   def epoch_ids(process):
     steps = (len(train_records) // 2) // 8

@@ -69,6 +69,13 @@ class CocoRecords:
   def __len__(self) -> int:
     return len(self.paths)
 
+  def first(self, count: int) -> "CocoRecords":
+    """The first `count` images (in id order) with their annotations."""
+    num_boxes = int(self.row_lengths[:count].sum())
+    return dataclasses.replace(self, paths=self.paths[:count], image_ids=self.image_ids[:count],
+                               sizes=self.sizes[:count], boxes=self.boxes[:num_boxes],
+                               labels=self.labels[:num_boxes], row_lengths=self.row_lengths[:count])
+
 
 def image_problem(path: str):
   """Cheap header/trailer check. Returns a reason string, or None for a plausible JPEG/PNG.

@@ -9,10 +9,12 @@ A batch (per host) is a dict of numpy arrays:
 H and W come from a small set of shapes (multiples of `pad_multiple`, or `fixed_size`), so XLA
 compiles a handful of programs.
 
-Training order is a pure function of (seed, step): epoch e visits a stateless permutation of
-the split, process p takes every process_count-th entry, and element k of process p is augmented
-with a seed folded from (seed, p, k). Resuming at step s skips s * batch indices before any
-image is read, and yields the same batches as an uninterrupted run.
+Training order is a pure function of (seed, step) and does not depend on the process count:
+epoch e visits a stateless permutation of the split, cut into global batches; process p reads
+the p-th slice of each global batch, and the element at global position g is augmented with a
+seed folded from (seed, g). One process on 4 devices and two processes on 2 devices each
+therefore train on the same global batches. Resuming at step s skips s * global batch indices
+before any image is read, and yields the same batches as an uninterrupted run.
 """
 
 import collections
@@ -39,6 +41,7 @@ class PipelineOptions:
 
   scale: multiplies every image size of the official recipe (1.0 = 800/1333); tests and CPU
     runs use e.g. 0.25 through the same code.
+  augment: the official training augmentation; False trains on the eval resize (overfit checks).
   max_boxes: targets per image after padding (extra boxes are dropped).
   pad_multiple: batches are padded to multiples of this in H and W; ignored with fixed_size.
   fixed_size: (H, W) every batch is padded to; an image larger than it raises.
@@ -46,6 +49,7 @@ class PipelineOptions:
   """
 
   scale: float = 1.0
+  augment: bool = True
   max_boxes: int = 100
   pad_multiple: int = 128
   fixed_size: Optional[tuple] = None
@@ -158,19 +162,27 @@ def _parallel_map(dataset, fn):
   return dataset.map(fn, num_parallel_calls=system.available_cores(), deterministic=True)
 
 
-def _train_example(seed: int, process_index: int, options: PipelineOptions):
-  """(position in this process's stream, example) -> augmented, padded training example.
+def _train_example(seed: int, options: PipelineOptions):
+  """(global position in the training stream, example) -> augmented, padded training example.
 
-  The augmentation seed is folded from (seed, process_index, position), so it depends on
-  where the example falls in the stream, never on timing or on the source.
+  The augmentation seed is folded from (seed, global position), so it depends on where the
+  example falls in the global stream, never on timing, the source or the process count.
+  With `options.augment` False the eval resize is used instead (for overfitting checks).
   """
-  base_seed = tf.constant([seed, process_index], tf.int64)
+  base_seed = tf.constant([seed, 0], tf.int64)
 
   def apply(position, example):
+    if not options.augment:
+      return _eval_example(example, options)
     augment_seed = tf.random.experimental.stateless_fold_in(base_seed, position)
     return _finish_example(transforms.train_augment(example, augment_seed, options.scale), options.max_boxes)
 
   return apply
+
+
+def _this_process_slice(dataset, batch_size, process_index, process_count):
+  """Keeps the elements (global position, ...) in this process's slice of each global batch."""
+  return dataset.filter(lambda position, *_: position // batch_size % process_count == process_index)
 
 
 def _eval_example(example, options: PipelineOptions):
@@ -184,31 +196,33 @@ def train_dataset(records: coco.CocoRecords, batch_size: int, seed: int, options
   Args:
     records: from `coco.load_coco_folder`.
     batch_size: examples per process per step.
-    seed: the run's seed; with `start_step` it fixes every batch.
+    seed: the run's seed; with `start_step` it fixes every batch. Each epoch is a fresh
+      permutation, cut to a whole number of global batches (the tail is dropped).
     start_step: steps already taken (resume); skipped without reading images.
     process: (process_index, process_count), default from jax.
   Returns:
     a tf.data.Dataset of batches in the format of this module's docstring.
   Raises:
-    ValueError: the split has fewer images per process than `batch_size`.
+    ValueError: the split has fewer images than a global batch (batch_size x process count).
   """
   process_index, process_count = process or _process()
   num = len(records)
-  per_process = num // process_count
-  if per_process < batch_size:
-    raise ValueError(f"{num} training images over {process_count} processes cannot fill a batch of {batch_size}.")
+  global_batch = batch_size * process_count
+  if num < global_batch:
+    raise ValueError(f"{num} training images cannot fill a global batch of {global_batch} "
+                     f"({batch_size} per process x {process_count} processes).")
+  epoch_length = num // global_batch * global_batch
 
   def epoch_indices(epoch):
     order = tf.random.experimental.stateless_shuffle(tf.range(num, dtype=tf.int64),
                                                      seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
-    return tf.data.Dataset.from_tensor_slices(order[process_index::process_count][:per_process])
+    return tf.data.Dataset.from_tensor_slices(order[:epoch_length])
 
-  indices = tf.data.Dataset.range(2**62).flat_map(epoch_indices).enumerate().skip(start_step * batch_size)
+  indices = tf.data.Dataset.range(2**62).flat_map(epoch_indices).enumerate().skip(start_step * global_batch)
+  indices = _this_process_slice(indices, batch_size, process_index, process_count)
   load = coco_folder_examples(records)
-  augment = _train_example(seed, process_index, options)
+  augment = _train_example(seed, options)
   dataset = _parallel_map(indices, lambda position, index: augment(position, load(index)))
-  # Files that pass the header check in `coco.image_problem` but fail to decode are dropped with a
-  # logged warning rather than ending the run; `python -m detr_jax.data.check` names them.
   return _batch(dataset.ignore_errors(log_warning=True), batch_size, options)
 
 
@@ -242,16 +256,31 @@ def tfds_dataset(split: str, batch_size: int, seed: int, options: PipelineOption
   if not train:
     return _batch(_parallel_map(dataset, lambda e: _eval_example(e, options)), batch_size, options)
   dataset = dataset.shuffle(1024, seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
-  dataset = _parallel_map(dataset.skip(start_step * batch_size), _train_example(seed, process_index, options))
+  # Each process reads its own tfds shard, so positions are made global as process slices.
+  dataset = dataset.map(lambda k, e: (k // batch_size * batch_size * process_count
+                                      + process_index * batch_size + k % batch_size, e))
+  dataset = _parallel_map(dataset.skip(start_step * batch_size), _train_example(seed, options))
   return _batch(dataset, batch_size, options)
+
+
+def _pad_to_common_shape(batch: dict) -> dict:
+  """Pads image and pixel_mask to the largest (H, W) over all processes, which must agree."""
+  from jax.experimental import multihost_utils
+  shape = np.array(batch["image"].shape[1:3])
+  height, width = np.asarray(multihost_utils.process_allgather(shape)).max(axis=0)
+  extra = [(0, 0), (0, height - shape[0]), (0, width - shape[1])]
+  return {**batch, "image": np.pad(batch["image"], extra + [(0, 0)]), "pixel_mask": np.pad(batch["pixel_mask"], extra)}
 
 
 def to_global_batch(batch: dict, sharding) -> dict:
   """Per-process numpy batch -> global jax.Arrays sharded over the mesh's data axis.
 
   `sharding` is e.g. NamedSharding(mesh, PartitionSpec("data")); the global batch is the
-  concatenation of every process's batch in process order.
+  concatenation of every process's batch in process order. With several processes, images are
+  first padded to the largest padded shape among them, since a global array has one shape.
   """
+  if jax.process_count() > 1:
+    batch = _pad_to_common_shape(batch)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 

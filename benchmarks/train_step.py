@@ -1,0 +1,105 @@
+r"""One DETR-R50 training step, JAX against transformers' PyTorch DETR, side by side in one process.
+
+A step is forward, Hungarian matching, the set loss with auxiliary decoder layers, backward,
+the 0.1 global-norm clip and AdamW (lr 1e-4, backbone 1e-5, stem and layer1 frozen), as in the
+official recipe. Both sides start from the same random weights on the same images and real
+coco-mini targets. JAX: `training.make_train_step` (one jit, host matcher). PyTorch:
+`DetrForObjectDetection(labels=...)` with its DetrLoss, `clip_grad_norm_` and `torch.optim.AdamW`.
+Prints s/step for each and the ratio PyTorch / JAX (above 1: JAX is faster).
+
+  python benchmarks/train_step.py [--batch 2] [--size 512] [--iters 5] [--dtype float32]
+
+On a GPU, PyTorch runs on CUDA in float32 and JAX on the default device in --dtype.
+"""
+
+import argparse
+import os
+import sys
+
+import jax
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.timing import median_seconds  # noqa: E402
+from configs import detr_r50  # noqa: E402
+from detr_jax import losses, porting, training  # noqa: E402
+from detr_jax import optim  # noqa: E402
+from tests.conftest import COCO_MINI, coco_targets, coco_train_image_ids, hf_detr  # noqa: E402
+
+DROPOUT = dict(dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)   # the official model's dropouts
+
+
+def torch_step_fn(model, pixels, pixel_mask, labels, device):
+  trained_backbone = ("stages.1.", "stages.2.", "stages.3.")
+  for name, param in model.named_parameters():
+    if "backbone" in name and not any(stage in name for stage in trained_backbone):
+      param.requires_grad_(False)
+  backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
+  rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
+  optimizer = torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": 1e-5}], lr=1e-4, weight_decay=1e-4)
+  model.train()
+
+  def step():
+    loss = model(pixel_values=pixels, pixel_mask=pixel_mask, labels=labels).loss
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    optimizer.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return float(loss)
+  return step
+
+
+def jax_step_fn(state_dict, images, mask, targets, dtype):
+  config = detr_r50.get_config()
+  model, variables = porting.load_pytorch_checkpoint(state_dict, dtype=dtype)
+  mesh = training.create_mesh()
+  tx = optim.create(config.optimizer, steps_per_epoch=1000)
+  criterion = losses.SetCriterion(num_classes=91, mesh=mesh)
+  metrics_class = training.metric_collection(model.num_decoder_layers)
+  train_step = training.make_train_step(model, criterion, tx, mesh, metrics_class)
+  state = training.create_train_state(variables, tx, seed=0)
+  batch = {"image": images, "pixel_mask": mask, **targets}
+  box = {"state": state}
+
+  def step():
+    box["state"], _, loss = train_step(box["state"], batch)
+    return float(loss)
+  return step
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--size", type=int, default=512)
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--dtype", default="float32")
+  args = parser.parse_args()
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  reference = hf_detr(50, auxiliary_loss=True, **DROPOUT)
+  state_dict = {k: v.clone() for k, v in reference.state_dict().items()}
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(args.batch, args.size, args.size, 3)).astype(np.float32)
+  mask = np.ones((args.batch, args.size, args.size), bool)
+  targets, per_image = coco_targets(COCO_MINI, coco_train_image_ids(COCO_MINI, args.batch), max_boxes=100)
+  labels = [{"class_labels": torch.from_numpy(l).long().to(device), "boxes": torch.from_numpy(b).to(device)}
+            for l, b in per_image]
+  pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+  torch_step = torch_step_fn(reference.to(device), pixels, torch.from_numpy(mask).long().to(device), labels, device)
+  jax_step = jax_step_fn(state_dict, images, mask, targets, args.dtype)
+
+  print(f"DETR-R50 training step, batch {args.batch}, {args.size}x{args.size}, {sum(len(l) for l, _ in per_image)} "
+        f"targets; JAX {jax.__version__} on {jax.devices()[0].device_kind} ({args.dtype}); torch {torch.__version__} "
+        f"on {device} (float32, {torch.get_num_threads()} threads); median of {args.iters} after a warm-up")
+  torch_seconds = median_seconds(torch_step, args.iters)
+  jax_seconds = median_seconds(jax_step, args.iters)
+  print(f"{'PyTorch s/step':>15} {'JAX s/step':>11} {'PyTorch/JAX':>12} {'JAX images/s':>13}")
+  print(f"{torch_seconds:>15.3f} {jax_seconds:>11.3f} {torch_seconds / jax_seconds:>12.2f} "
+        f"{args.batch / jax_seconds:>13.2f}")
+
+
+if __name__ == "__main__":
+  main()

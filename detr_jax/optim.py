@@ -1,0 +1,68 @@
+"""The official optimiser (`main.py`): AdamW with a backbone learning rate, clipping and a step decay.
+
+- AdamW, betas (0.9, 0.999), eps 1e-8, weight decay 1e-4 on every trained parameter
+  (optax's decoupled decay `p -= lr * wd * p` equals torch.optim.AdamW's).
+- lr 1e-4 for the transformer and heads, 1e-5 for the trained backbone (layer2..layer4).
+- Frozen and never updated: the stem (`conv1`) and `layer1_*`; FrozenBatchNorm lives in the
+  `batch_stats` collection, which the optimiser never sees.
+- One global-norm clip at 0.1 over the trained parameters' gradients.
+- Both learning rates drop x0.1 at `lr_drop_epochs` (official StepLR, stepped per epoch).
+"""
+
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+FROZEN, BACKBONE, TRANSFORMER = "frozen", "backbone", "transformer"
+FROZEN_BACKBONE_PREFIXES = ("conv1", "layer1_")
+
+
+def parameter_group(path: tuple[str, ...]) -> str:
+  """FROZEN, BACKBONE or TRANSFORMER (the rest: projection, transformer, queries, heads) for a param path."""
+  if path[0] != "backbone":
+    return TRANSFORMER
+  return FROZEN if path[1].startswith(FROZEN_BACKBONE_PREFIXES) else BACKBONE
+
+
+def parameter_groups(params) -> Any:
+  """The tree of `parameter_group` labels matching `params`."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  return flax.traverse_util.unflatten_dict({path: parameter_group(path) for path in flat})
+
+
+def learning_rate_schedules(optimizer_config: Mapping[str, Any], steps_per_epoch: int) -> dict[str, optax.Schedule]:
+  """{"lr": transformer and heads, "lr_backbone"}: constant, x0.1 after lr_drop_epochs epochs."""
+  lr_drop_step = optimizer_config["lr_drop_epochs"] * steps_per_epoch
+  return {name: optax.piecewise_constant_schedule(optimizer_config[name], {lr_drop_step: 0.1})
+          for name in ("lr", "lr_backbone")}
+
+
+def trained_gradient_norm(grads) -> jax.Array:
+  """Global L2 norm of the trained parameters' gradients (the official logged `grad_norm`)."""
+  groups = parameter_groups(grads)
+  return optax.tree.norm(jax.tree.map(lambda g, group: g if group != FROZEN else jnp.zeros_like(g), grads, groups))
+
+
+def create(optimizer_config: Mapping[str, Any], steps_per_epoch: int) -> optax.GradientTransformation:
+  """The optimiser for `variables["params"]`, from `config.optimizer`.
+
+  Args:
+    optimizer_config: lr, lr_backbone, weight_decay, clip_max_norm, lr_drop_epochs.
+    steps_per_epoch: optimiser steps per epoch, which turns lr_drop_epochs into a step.
+  """
+  schedules = learning_rate_schedules(optimizer_config, steps_per_epoch)
+
+  def adamw(name):
+    return optax.adamw(schedules[name], b1=0.9, b2=0.999, eps=1e-8, weight_decay=optimizer_config["weight_decay"])
+
+  # Frozen gradients are zeroed before the clip, so that, as in the official code, only the
+  # trained parameters count towards the global norm.
+  return optax.chain(
+      optax.masked(optax.set_to_zero(), lambda params: jax.tree.map(lambda g: g == FROZEN, parameter_groups(params))),
+      optax.clip_by_global_norm(optimizer_config["clip_max_norm"]),
+      optax.multi_transform({FROZEN: optax.set_to_zero(), BACKBONE: adamw("lr_backbone"),
+                             TRANSFORMER: adamw("lr")}, parameter_groups),
+  )

@@ -1,0 +1,198 @@
+"""train.py / eval.py: sharding invariance, exact resume, multi-process, NaN stop, COCO evaluation.
+
+All on real coco-mini images at a small resolution, with a tiny DETR so that a step takes well
+under a second on 2 cores.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import coco_mini_cpu
+from detr_jax import evaluation, postprocess, summaries, training
+from detr_jax.data import pipeline
+from tests.conftest import REPO_ROOT, hf_detr, run_on_cpu_devices
+
+LOSS_TERMS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0")
+
+
+def tiny_config(data_dir, **overrides):
+  """coco_mini_cpu shrunk: 1 encoder and 2 decoder layers of width 64, 12 queries, 136x136 batches."""
+  config = coco_mini_cpu.get_config()
+  config.model.update(hidden_dim=64, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=128, num_queries=12)
+  config.data.update(data_dir=str(data_dir), scale=0.1, fixed_size=(136, 136), eval_split="")
+  config.loss.solver = "device"
+  config.update({**dict(batch_size=8, eval_batch_size=8, log_every_steps=1, checkpoint_every_steps=2), **overrides})
+  return config
+
+
+TRAIN_SCRIPT = """
+import json, sys
+import jax
+args = json.loads(sys.argv[1])
+if "process_id" in args:
+  jax.distributed.initialize(f"localhost:{args['port']}", args["num_processes"], args["process_id"])
+from detr_jax import summaries, training
+from tests.test_training import LOSS_TERMS, tiny_config
+training.train_and_evaluate(tiny_config(args["data_dir"], num_train_steps=2), args["workdir"])
+scalars = summaries.read_scalars(args["workdir"]) if jax.process_index() == 0 else {}
+print(json.dumps({"devices": jax.device_count(), **{k: scalars[k] for k in LOSS_TERMS if k in scalars}}))
+"""
+
+
+def _assert_same_losses(a, b, atol):
+  for term in LOSS_TERMS:
+    assert sorted(a[term]) == sorted(b[term]) == ["1", "2"], term
+    for step in a[term]:
+      assert abs(a[term][step] - b[term][step]) <= atol, (term, step, a[term][step], b[term][step])
+
+
+def test_one_and_eight_devices_train_alike(coco_mini, tmp_path):
+  args = lambda name: json.dumps({"data_dir": str(coco_mini), "workdir": str(tmp_path / name)})
+  one = run_on_cpu_devices(TRAIN_SCRIPT, args("one"), devices=1)
+  eight = run_on_cpu_devices(TRAIN_SCRIPT, args("eight"), devices=8)
+  assert (one["devices"], eight["devices"]) == (1, 8)
+  assert one["loss"]["1"] != one["loss"]["2"]
+  _assert_same_losses(one, eight, atol=1e-5)   # same global batch of 8; float summation order differs
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(coco_mini, tmp_path):
+  workdir = tmp_path / "two"
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(REPO_ROOT))
+  runs = [subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, json.dumps(
+              {"data_dir": str(coco_mini), "workdir": str(workdir), "port": port, "num_processes": 2,
+               "process_id": i})], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
+  outputs = [run.communicate(timeout=600) for run in runs]
+  for run, (_, stderr) in zip(runs, outputs):
+    assert run.returncode == 0, stderr[-3000:]
+  two = json.loads(outputs[0][0].strip().splitlines()[-1])
+  one = run_on_cpu_devices(TRAIN_SCRIPT, json.dumps({"data_dir": str(coco_mini), "workdir": str(tmp_path / "one")}),
+                           devices=4)
+  assert two["devices"] == one["devices"] == 4
+  _assert_same_losses(one, two, atol=1e-5)
+
+
+def _instrumented_train_step(monkeypatch, on_call):
+  """Wraps training.make_train_step so that on_call(call_index, batch) -> batch sees each step."""
+  original = training.make_train_step
+
+  def make(*args):
+    step_fn = original(*args)
+    calls = []
+
+    def wrapped(state, batch):
+      calls.append(None)
+      return step_fn(state, on_call(len(calls), batch))
+    return wrapped
+  monkeypatch.setattr(training, "make_train_step", make)
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(coco_mini, tmp_path, monkeypatch):
+  config = tiny_config(coco_mini, batch_size=2, num_train_steps=6)
+  config.loss.solver = "host"
+  image_ids = {"full": [], "split": []}
+  run = {"name": "full", "kill_at": None}
+
+  def on_call(index, batch):
+    image_ids[run["name"]].append(np.asarray(batch["image_id"]))
+    if index == run["kill_at"]:
+      os.kill(os.getpid(), signal.SIGTERM)   # preemption arrives during step 3
+    return batch
+  _instrumented_train_step(monkeypatch, on_call)
+  handler = signal.getsignal(signal.SIGTERM)
+
+  training.train_and_evaluate(config, str(tmp_path / "full"))
+  run.update(name="split", kill_at=3)
+  training.train_and_evaluate(config, str(tmp_path / "split"))
+  assert signal.getsignal(signal.SIGTERM) == handler
+  with training.checkpoint_manager(str(tmp_path / "split")) as manager:
+    assert manager.latest_step() == 3
+  run["kill_at"] = None
+  training.train_and_evaluate(config, str(tmp_path / "split"))
+
+  np.testing.assert_array_equal(np.stack(image_ids["full"]), np.stack(image_ids["split"]))
+  full, split = summaries.read_scalars(str(tmp_path / "full")), summaries.read_scalars(str(tmp_path / "split"))
+  for term in LOSS_TERMS:
+    assert sorted(full[term]) == sorted(split[term]) == list(range(1, 7))
+    np.testing.assert_allclose([split[term][s] for s in range(1, 7)], [full[term][s] for s in range(1, 7)],
+                               rtol=0, atol=1e-6, err_msg=term)
+  _, full_variables = training.restore_variables(str(tmp_path / "full"))
+  _, split_variables = training.restore_variables(str(tmp_path / "split"))
+  differences = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), full_variables, split_variables))
+  assert max(differences) <= 1e-6
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(coco_mini, tmp_path, monkeypatch):
+  config = tiny_config(coco_mini, batch_size=2, num_train_steps=6, checkpoint_every_steps=2)
+  _instrumented_train_step(monkeypatch, lambda index, batch: {**batch, "image": batch["image"] * jnp.nan}
+                           if index == 3 else batch)
+  with pytest.raises(training.NonFiniteLossError, match="Loss is nan at step 3.*step 2"):
+    training.train_and_evaluate(config, str(tmp_path))
+  with training.checkpoint_manager(str(tmp_path)) as manager:
+    assert max(manager.all_steps()) == 2   # orbax also keeps its first save, at step 1
+  _, variables = training.restore_variables(str(tmp_path))
+  assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(variables))
+
+
+def test_evaluation_of_ground_truth_boxes_scores_one(coco_mini):
+  """The whole eval path (pipeline, sharding, post-processing, xywh, pycocotools) with perfect predictions."""
+  def ground_truth_predictions(variables, batch):
+    del variables
+    num_classes = 91
+    labels = jnp.where(batch["mask"], batch["labels"], num_classes)
+    outputs = {"pred_logits": 30.0 * jax.nn.one_hot(labels, num_classes + 1), "pred_boxes": batch["boxes"]}
+    return postprocess.detections(outputs, batch["orig_size"])
+
+  metrics = evaluation.evaluate(None, {}, str(coco_mini), "val2017", 8, pipeline.PipelineOptions(scale=0.25,
+                                max_boxes=50), training.create_mesh(), max_images=40,
+                                predict_fn=jax.jit(ground_truth_predictions))
+  assert metrics["num_images"] == 40
+  # Boxes were clipped to the image and stored in float32: IoU with the annotations is ~1, not exactly 1.
+  assert metrics["AP50"] == pytest.approx(1.0, abs=1e-6)
+  assert metrics["AP"] >= 0.99
+
+
+def test_eval_cli_on_ported_checkpoint_matches_pycocotools(coco_mini, tmp_path):
+  """eval.py on a random-weight transformers checkpoint; detections.json re-scored independently."""
+  import safetensors.torch
+  from pycocotools.coco import COCO
+  from pycocotools.cocoeval import COCOeval
+  checkpoint = tmp_path / "model.safetensors"
+  safetensors.torch.save_file({k: v.contiguous() for k, v in hf_detr(depth=50, seed=3).state_dict().items()},
+                              str(checkpoint))
+  out = tmp_path / "out"
+  run = subprocess.run([sys.executable, "eval.py", "--config", "configs/detr_r50.py", "--checkpoint", str(checkpoint),
+                        "--data_dir", str(coco_mini), "--output_dir", str(out), "--max_images", "16",
+                        "--config.data.scale=0.25", "--config.eval_batch_size=8"],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "AR@100" in run.stdout
+  metrics = json.loads((out / "metrics.json").read_text())
+  detections = json.loads((out / "detections.json").read_text())
+  ground_truth = COCO(str(coco_mini / "annotations" / "instances_val2017.json"))
+  first_ids = sorted(ground_truth.getImgIds())[:16]
+  assert len(detections) == 16 * 100 and {d["image_id"] for d in detections} == set(first_ids)
+  evaluator = COCOeval(ground_truth, ground_truth.loadRes(str(out / "detections.json")), "bbox")
+  evaluator.params.imgIds = first_ids
+  evaluator.evaluate()
+  evaluator.accumulate()
+  evaluator.summarize()
+  assert [metrics[name] for name in evaluation.METRIC_NAMES] == pytest.approx(list(evaluator.stats), abs=1e-12)
