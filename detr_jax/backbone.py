@@ -157,9 +157,14 @@ def downsample_mask(mask: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
   nearest mode: source index = floor(dst * (in / out)) in float32, clamped to in - 1.
   Half-pixel nearest (the default of `jax.image.resize`) picks other pixels.
   """
-  rows = _legacy_nearest_indices(mask.shape[1], size[0])
-  cols = _legacy_nearest_indices(mask.shape[2], size[1])
-  return mask[:, rows][:, :, cols]
+  return legacy_nearest_resize(mask, size)
+
+
+def legacy_nearest_resize(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
+  """PyTorch's `F.interpolate(mode="nearest")` on axes 1 and 2 of [B, H, W, ...] -> [B, h, w, ...]."""
+  rows = _legacy_nearest_indices(x.shape[1], size[0])
+  cols = _legacy_nearest_indices(x.shape[2], size[1])
+  return x[:, rows][:, :, cols]
 
 
 def _legacy_nearest_indices(in_size: int, out_size: int) -> np.ndarray:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from detr_jax import backbone as backbone_lib
 from detr_jax import initializers
 from detr_jax import position_encoding
+from detr_jax import segmentation
 from detr_jax import transformer as transformer_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -39,7 +40,7 @@ class MLP(nn.Module):
 
 
 class DETR(nn.Module):
-  """DETR for object detection.
+  """DETR for object detection, and with `masks=True` for panoptic segmentation (official `DETRsegm`).
 
   Attributes mirror the official command-line arguments; `num_classes` is the number of
   category slots (91 for COCO: the category id is the class index), and the class head has
@@ -57,6 +58,7 @@ class DETR(nn.Module):
     "pred_boxes": [B, Q, 4] float32, (cx, cy, w, h) normalised to the unpadded image.
     "aux_outputs": list of num_decoder_layers - 1 dicts with the same two keys, one per
       earlier decoder layer (only when `aux_loss`).
+    "pred_masks": [B, Q, H/4, W/4] float32 mask logits (only when `masks`; see segmentation.py).
   Raises:
     ValueError: unknown `dtype` or `position_embedding`, or an invalid backbone choice.
   """
@@ -74,6 +76,7 @@ class DETR(nn.Module):
   dilation: bool = False
   position_embedding: str = "sine"
   aux_loss: bool = True
+  masks: bool = False
   dtype: str = "float32"
 
   @nn.compact
@@ -81,7 +84,8 @@ class DETR(nn.Module):
     if self.dtype not in DTYPES:
       raise ValueError(f"Unknown compute dtype {self.dtype!r}; choose one of {sorted(DTYPES)}.")
     dtype = DTYPES[self.dtype]
-    features = backbone_lib.ResNet(self.backbone_depth, self.dilation, dtype, name="backbone")(images)[-1]
+    stages = backbone_lib.ResNet(self.backbone_depth, self.dilation, dtype, name="backbone")(images)
+    features = stages[-1]
     height, width = features.shape[1:3]
     padding_mask = backbone_lib.downsample_mask(~pixel_mask, (height, width))
     pos = self._position_encoding(padding_mask)
@@ -92,7 +96,7 @@ class DETR(nn.Module):
     query_embed = self.param("query_embed", jax.nn.initializers.normal(1.0),
                              (self.num_queries, self.hidden_dim))
     batch = images.shape[0]
-    hs, _ = transformer_lib.Transformer(
+    hs, memory = transformer_lib.Transformer(
         self.num_heads, self.num_encoder_layers, self.num_decoder_layers, self.dim_feedforward,
         self.dropout, self.pre_norm, dtype, name="transformer",
     )(src.reshape(batch, height * width, self.hidden_dim), padding_mask.reshape(batch, -1),
@@ -106,6 +110,11 @@ class DETR(nn.Module):
     outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
     if self.aux_loss:
       outputs["aux_outputs"] = [{"pred_logits": l, "pred_boxes": b} for l, b in zip(logits[:-1], boxes[:-1])]
+    if self.masks:
+      attention = segmentation.MHAttentionMap(self.hidden_dim, self.num_heads, dtype, name="bbox_attention")(
+          hs[-1], memory.reshape(batch, height, width, self.hidden_dim), padding_mask)
+      outputs["pred_masks"] = segmentation.MaskHead(self.hidden_dim, dtype, name="mask_head")(
+          src, attention, stages[2::-1])
     return outputs
 
   def _position_encoding(self, padding_mask):

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import Mesh
 
 from detr_jax import box_ops
@@ -41,6 +42,21 @@ def term_names(num_layers: int) -> list[str]:
           "class_error"]
 
 
+def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
+  """RetinaNet's focal loss averaged over pixels (official `sigmoid_focal_loss`): [..., P] -> [...]."""
+  prob = jax.nn.sigmoid(logits)
+  cross_entropy = optax.sigmoid_binary_cross_entropy(logits, targets)
+  p_t = prob * targets + (1 - prob) * (1 - targets)
+  alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+  return (alpha_t * cross_entropy * (1 - p_t) ** gamma).mean(-1)
+
+
+def dice_loss(logits, targets):
+  """1 - soft Dice coefficient with +1 smoothing (official `dice_loss`): [..., P] -> [...]."""
+  prob = jax.nn.sigmoid(logits)
+  return 1 - (2 * (prob * targets).sum(-1) + 1) / (prob.sum(-1) + targets.sum(-1) + 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class SetCriterion:
   """Matches each decoder layer independently and computes the official loss terms.
@@ -54,13 +70,16 @@ class SetCriterion:
     num_threads: threads of the host solver.
     mesh, batch_axis: the device mesh and its data axis when the batch is sharded (see
       `matcher.match`); None on a single device.
+    mask_loss_coef, dice_loss_coef: weights (1, 1) of loss_mask (focal) and loss_dice, computed
+      when the outputs hold "pred_masks" and the targets "masks" ([B, T, H, W] bool, H x W the
+      padded image size).
 
   Call: criterion(outputs, targets) with the model's output dict (aux outputs optional) ->
   (loss, terms). `loss` is the weighted sum of loss_ce, loss_bbox, loss_giou over all layers,
   a float32 scalar. `terms` holds loss_ce, loss_bbox, loss_giou, cardinality_error for the last
   layer, the same with suffixes _0 .. _{L-2} for the earlier layers, and class_error (top-1
-  error of matched queries in %, last layer; 100 when nothing is matched). class_error and
-  cardinality_error carry no gradient.
+  error of matched queries in %, last layer; 100 when nothing is matched), and with masks
+  loss_mask and loss_dice (last layer). class_error and cardinality_error carry no gradient.
   """
 
   num_classes: int
@@ -72,6 +91,8 @@ class SetCriterion:
   num_threads: int = 1
   mesh: Optional[Mesh] = None
   batch_axis: str = "data"
+  mask_loss_coef: float = 1.0
+  dice_loss_coef: float = 1.0
 
   def __call__(self, outputs: Mapping[str, Any], targets: Mapping[str, jnp.ndarray]):
     layers = [*outputs.get("aux_outputs", []), outputs]
@@ -97,7 +118,24 @@ class SetCriterion:
     terms["class_error"] = self._class_error(pred_logits[-1], labels, query_index[-1], matched[-1])
     loss = (per_layer["loss_ce"] + self.bbox_loss_coef * per_layer["loss_bbox"]
             + self.giou_loss_coef * per_layer["loss_giou"]).sum()
+    if "pred_masks" in outputs:
+      terms.update(self._mask_losses(outputs["pred_masks"], targets["masks"], query_index[-1], matched[-1], num_boxes))
+      loss = loss + self.mask_loss_coef * terms["loss_mask"] + self.dice_loss_coef * terms["loss_dice"]
     return loss, terms
+
+  def _mask_losses(self, pred_masks, target_masks, query_index, matched, num_boxes):
+    """Focal and Dice losses of the last layer's matched masks (the official code skips aux layers).
+
+    pred_masks [B, Q, h, w] logits are upsampled bilinearly (align_corners=False, as the official
+    `interpolate`) to the targets' [B, T, H, W] padded image size.
+    """
+    gathered = _at_matched_queries(pred_masks.reshape(*pred_masks.shape[:2], -1).astype(jnp.float32), query_index)
+    gathered = gathered.reshape(*query_index.shape, *pred_masks.shape[2:])
+    upsampled = jax.image.resize(gathered, (*gathered.shape[:2], *target_masks.shape[2:]), "bilinear")
+    logits = upsampled.reshape(*upsampled.shape[:2], -1)
+    targets = target_masks.reshape(*target_masks.shape[:2], -1).astype(jnp.float32)
+    per_target = {"loss_mask": sigmoid_focal_loss(logits, targets), "loss_dice": dice_loss(logits, targets)}
+    return {name: jnp.where(matched, value, 0).sum() / num_boxes for name, value in per_target.items()}
 
   def _loss_ce(self, pred_logits, labels, query_index, matched):
     """Weighted cross-entropy over all queries, divided by the sum of weights: [L]."""

@@ -54,6 +54,10 @@ _LEAF_NAMES = {"kernel": "weight", "in_proj_kernel": "in_proj_weight", "scale": 
                "embedding": "weight", "mean": "running_mean", "var": "running_var"}
 
 
+MASK_MODULES = ("bbox_attention", "mask_head")
+PANOPTIC_PREFIX = "detr."
+
+
 def official_key(path: tuple[str, ...]) -> str:
   """The official state-dict key of a Flax leaf path (collection excluded).
 
@@ -147,6 +151,13 @@ _HF_RULES = [
     (r"^model\.query_position_embeddings\.", "query_embed."),
     (r"^class_labels_classifier\.", "class_embed."),
     (r"^bbox_predictor\.", "bbox_embed."),
+    (r"^bbox_attention\.([qk])_proj\.", r"bbox_attention.\1_linear."),
+    (r"^mask_head\.conv(\d)\.conv\.", r"mask_head.lay\1."),
+    (r"^mask_head\.conv(\d)\.norm\.", r"mask_head.gn\1."),
+    (r"^mask_head\.fpn_stages\.(\d)\.fpn_adapter\.", lambda m: f"mask_head.adapter{int(m.group(1)) + 1}."),
+    (r"^mask_head\.fpn_stages\.(\d)\.refine\.conv\.", lambda m: f"mask_head.lay{int(m.group(1)) + 3}."),
+    (r"^mask_head\.fpn_stages\.(\d)\.refine\.norm\.", lambda m: f"mask_head.gn{int(m.group(1)) + 3}."),
+    (r"^mask_head\.output_conv\.", "mask_head.out_lay."),
 ]
 
 
@@ -181,9 +192,18 @@ def hf_to_official(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
   return renamed
 
 
+def _without_panoptic_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Panoptic checkpoints (official DETRsegm, HF DetrForSegmentation) nest the detector under
+  `detr.`; removing it gives the detection keys, next to bbox_attention.* and mask_head.*."""
+  return {k[len(PANOPTIC_PREFIX):] if k.startswith(PANOPTIC_PREFIX) else k: v for k, v in state_dict.items()}
+
+
 def to_official_layout(source) -> dict[str, np.ndarray]:
-  """Reads `source` (see `read_state_dict`) and returns it in the official layout."""
-  state_dict = read_state_dict(source)
+  """Reads `source` (see `read_state_dict`) and returns it in the official detection layout.
+
+  Panoptic checkpoints come back without their `detr.` prefix (see `to_pytorch_state_dict`).
+  """
+  state_dict = _without_panoptic_prefix(read_state_dict(source))
   return hf_to_official(state_dict) if is_hf_layout(state_dict) else state_dict
 
 
@@ -231,6 +251,7 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], dilation: bool = Fa
       "backbone_depth": _infer_resnet_depth(state_dict),
       "dilation": dilation,
       "position_embedding": "learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
+      "masks": "mask_head.out_lay.weight" in state_dict,
   }
 
 
@@ -271,8 +292,8 @@ def model_config(model: detr_lib.DETR) -> dict[str, Any]:
 
 def describe(config) -> str:
   """A one-line name such as "DETR-R50-DC5 (91 classes, 100 queries)" for a model config dict."""
-  return (f"DETR-R{config['backbone_depth']}{'-DC5' if config['dilation'] else ''} "
-          f"({config['num_classes']} classes, {config['num_queries']} queries)")
+  return (f"DETR-R{config['backbone_depth']}{'-DC5' if config['dilation'] else ''}"
+          f"{'-panoptic' if config.get('masks') else ''} ({config['num_classes']} classes, {config['num_queries']} queries)")
 
 
 def load_pytorch_checkpoint(source, dilation: bool = False, num_heads: int = 8, **overrides):
@@ -318,11 +339,14 @@ def load_torchvision_backbone(source, depth: int | None = None):
 def to_pytorch_state_dict(variables) -> dict[str, np.ndarray]:
   """Exports {"params", "batch_stats"} to the official key layout as float32 numpy arrays.
 
-  The result loads into the official `DETR` with `load_state_dict(strict=True)` after
-  `torch.from_numpy`; for an imported checkpoint it equals the original exactly.
+  The result loads into the official `DETR` (or, with a mask head, `DETRsegm`, whose detector
+  keys start with `detr.`) with `load_state_dict(strict=True)` after `torch.from_numpy`; for an
+  imported checkpoint it equals the original exactly.
   """
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
-  return {official_key(path[1:]): np.asarray(_to_torch_layout(path, np.asarray(value, np.float32)))
+  panoptic = any(path[1] in MASK_MODULES for path in flat)
+  prefix = lambda path: PANOPTIC_PREFIX if panoptic and path[1] not in MASK_MODULES else ""
+  return {prefix(path) + official_key(path[1:]): np.asarray(_to_torch_layout(path, np.asarray(value, np.float32)))
           for path, value in flat.items()}
 
 

@@ -62,27 +62,30 @@ def two_real_images(coco_mini):
   return padded_batch([coco_mini / "val2017" / "000000000139.jpg", coco_mini / "val2017" / "000000000802.jpg"], 320)
 
 
-def hf_detr(depth=50, dilation=False, num_labels=91, seed=0, **config_overrides):
-  """transformers' DetrForObjectDetection with random weights, built from config (no hub), eval mode.
+def hf_detr(depth=50, dilation=False, num_labels=91, seed=0, segmentation=False, **config_overrides):
+  """transformers' DetrForObjectDetection (or DetrForSegmentation) with random weights, built from
+  config (no hub), eval mode.
 
   transformers ignores `dilation` for non-timm backbones, so DC5 is applied by hand as torchvision's
   `replace_stride_with_dilation` does: layer4's strides become 1 and the 3x3 convs of its later
   blocks get dilation 2 and padding 2.
   """
   import torch
-  from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+  from transformers import DetrConfig, DetrForObjectDetection, DetrForSegmentation, ResNetConfig
   torch.manual_seed(seed)
   layouts = {18: ("basic", [2, 2, 2, 2], [64, 128, 256, 512]), 34: ("basic", [3, 4, 6, 3], [64, 128, 256, 512]),
              50: ("bottleneck", [3, 4, 6, 3], [256, 512, 1024, 2048]),
              101: ("bottleneck", [3, 4, 23, 3], [256, 512, 1024, 2048])}
   layer_type, depths, hidden_sizes = layouts[depth]
+  stages = ["stage1", "stage2", "stage3", "stage4"] if segmentation else ["stage4"]
   config = DetrConfig(
       use_timm_backbone=False, use_pretrained_backbone=False, backbone=None, num_labels=num_labels,
       backbone_config=ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=hidden_sizes,
-                                   out_features=["stage4"]), **config_overrides)
-  model = DetrForObjectDetection(config)
+                                   out_features=stages), **config_overrides)
+  model = (DetrForSegmentation if segmentation else DetrForObjectDetection)(config)
+  detector = model.detr if segmentation else model
   if dilation:
-    stage = model.model.backbone.model.encoder.stages[3]
+    stage = detector.model.backbone.model.encoder.stages[3]
     stage.layers[0].shortcut.convolution.stride = (1, 1)
     stage.layers[0].layer[1].convolution.stride = (1, 1)
     for block in stage.layers[1:]:
@@ -99,6 +102,11 @@ def hf_detr(depth=50, dilation=False, num_labels=91, seed=0, **config_overrides)
         module.running_mean.uniform_(-0.1, 0.1)
         module.running_var.uniform_(0.5, 1.5)
         module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.1, 0.1)
+      if isinstance(module, torch.nn.GroupNorm):   # the mask head's norms start at 1 / 0
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.1, 0.1)
+      if isinstance(module, torch.nn.Conv2d) and module.bias is not None:   # and its conv biases at 0
         module.bias.uniform_(-0.1, 0.1)
   return model.eval()
 

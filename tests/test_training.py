@@ -196,3 +196,44 @@ def test_eval_cli_on_ported_checkpoint_matches_pycocotools(coco_mini, tmp_path):
   evaluator.accumulate()
   evaluator.summarize()
   assert [metrics[name] for name in evaluation.METRIC_NAMES] == pytest.approx(list(evaluator.stats), abs=1e-12)
+
+
+def _flat(variables):
+  import flax
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+
+
+def test_initialisation_from_detr_and_torchvision_checkpoints(tmp_path):
+  import torch
+  from configs import detr_r50
+  from detr_jax import detr, porting
+  reference = hf_detr(depth=18, seed=5)
+  checkpoint = tmp_path / "detr.pth"
+  torch.save({"model": reference.state_dict()}, checkpoint)
+  _, ported = porting.load_pytorch_checkpoint(str(checkpoint))
+  config = detr_r50.get_config()
+  config.model.backbone_depth = 18
+  config.init.checkpoint = str(checkpoint)
+
+  loaded = _flat(training.initial_variables(config, detr.from_config(config.model)))
+  assert loaded.keys() == _flat(ported).keys()
+  assert all(np.array_equal(loaded[k], v) for k, v in _flat(ported).items())
+
+  config.model.num_classes = 5
+  with pytest.raises(porting.CheckpointMismatchError, match="reset_class_head"):
+    training.initial_variables(config, detr.from_config(config.model))
+  config.init.reset_class_head = True
+  reset = _flat(training.initial_variables(config, detr.from_config(config.model)))
+  assert reset[("params", "class_embed", "kernel")].shape == (256, 6)
+  assert all(np.array_equal(reset[k], v) for k, v in _flat(ported).items() if "class_embed" not in k)
+
+  backbone_file = tmp_path / "resnet18.pth"
+  prefix = "backbone.0.body."
+  torch.save({k[len(prefix):]: torch.from_numpy(np.array(v)) for k, v in porting.to_pytorch_state_dict(ported).items()
+              if k.startswith(prefix)}, backbone_file)
+  config.init.update(checkpoint="", backbone_checkpoint=str(backbone_file), reset_class_head=False)
+  fresh = _flat(detr.init_variables(detr.from_config(config.model), jax.random.PRNGKey(config.seed)))
+  with_backbone = _flat(training.initial_variables(config, detr.from_config(config.model)))
+  for key, value in with_backbone.items():
+    expected = _flat(ported)[key] if key[1] == "backbone" else fresh[key]
+    assert np.array_equal(value, expected), key
