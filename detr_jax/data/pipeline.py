@@ -5,7 +5,8 @@ A batch (per host) is a dict of numpy arrays:
   (True on real pixels), labels [b, T] int32 (category ids), boxes [b, T, 4] float32 cxcywh
   normalised to the unpadded image, mask [b, T] bool (real targets), image_id [b] int64,
   orig_size [b, 2] int32 (height, width of the original image), size [b, 2] int32 (unpadded
-  height, width after resizing), example_mask [b] bool (False on eval padding examples).
+  height, width after resizing), example_mask [b] bool (False on eval padding examples); from
+  panoptic records also masks [b, T, H, W] bool (each target's segment, zero padding).
 H and W come from a small set of shapes (multiples of `pad_multiple`, or `fixed_size`), so XLA
 compiles a handful of programs.
 
@@ -27,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from detr_jax import system
-from detr_jax.data import coco, transforms
+from detr_jax.data import coco, coco_panoptic, transforms
 
 COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
                      27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
@@ -86,6 +87,29 @@ def coco_folder_examples(records: coco.CocoRecords):
   return example
 
 
+def panoptic_examples(records: coco_panoptic.PanopticRecords):
+  """A function index -> {"image", "masks" [N, H, W] bool, "boxes" xyxy px (of the masks), "labels",
+  "image_id", "orig_size"} for a COCO panoptic split."""
+  paths, png_paths = tf.constant(records.paths), tf.constant(records.png_paths)
+  image_ids, sizes = tf.constant(records.image_ids), tf.constant(records.sizes)
+  segment_ids = tf.RaggedTensor.from_row_lengths(records.segment_ids, records.row_lengths)
+  labels = tf.RaggedTensor.from_row_lengths(records.labels, records.row_lengths)
+
+  def example(index):
+    ids = coco_panoptic.rgb_to_id(tf.io.decode_png(tf.io.read_file(png_paths[index]), channels=3))
+    masks = tf.equal(ids[None], segment_ids[index][:, None, None])
+    return {"image": decode_image(paths[index]), "masks": masks, "boxes": coco_panoptic.masks_to_boxes(masks),
+            "labels": labels[index], "image_id": image_ids[index], "orig_size": sizes[index]}
+
+  return example
+
+
+def _example_loader(records):
+  if isinstance(records, coco_panoptic.PanopticRecords):
+    return panoptic_examples(records)
+  return coco_folder_examples(records)
+
+
 def tfds_examples(split: str, data_dir: Optional[str], process_index: int, process_count: int,
                   shuffle_seed: Optional[int] = None):
   """tfds `coco/2017` mapped to the same example format (category ids, not tfds's 0..79 labels).
@@ -120,7 +144,7 @@ def _finish_example(example, max_boxes):
   num = tf.minimum(tf.shape(example["labels"])[0], max_boxes)
   pad = max_boxes - num
   image = example["image"]
-  return {
+  finished = {
       "image": image,
       "pixel_mask": tf.ones(tf.shape(image)[:2], tf.bool),
       "labels": tf.pad(example["labels"][:num], [[0, pad]]),
@@ -131,6 +155,9 @@ def _finish_example(example, max_boxes):
       "size": tf.cast(example["size"], tf.int32),
       "example_mask": tf.constant(True),
   }
+  if "masks" in example:
+    finished["masks"] = tf.pad(example["masks"][:num], [[0, pad], [0, 0], [0, 0]])
+  return finished
 
 
 def _pad_batch(batch, options: PipelineOptions):
@@ -144,8 +171,10 @@ def _pad_batch(batch, options: PipelineOptions):
     target_h = (height + multiple - 1) // multiple * multiple
     target_w = (width + multiple - 1) // multiple * multiple
   extra = [[0, 0], [0, target_h - height], [0, target_w - width]]
-  return {**batch, "image": tf.pad(batch["image"], extra + [[0, 0]]),
-          "pixel_mask": tf.pad(batch["pixel_mask"], extra)}
+  padded = {**batch, "image": tf.pad(batch["image"], extra + [[0, 0]]), "pixel_mask": tf.pad(batch["pixel_mask"], extra)}
+  if "masks" in batch:
+    padded["masks"] = tf.pad(batch["masks"], [[0, 0], [0, 0], *extra[1:]])
+  return padded
 
 
 def _batch(dataset, batch_size, options: PipelineOptions):
@@ -194,7 +223,8 @@ def train_dataset(records: coco.CocoRecords, batch_size: int, seed: int, options
   """Endless training batches of `batch_size` (per process) from a COCO-folder split.
 
   Args:
-    records: from `coco.load_coco_folder`.
+    records: from `coco.load_coco_folder`, or `coco_panoptic.load_panoptic_folder` (batches then
+      also hold "masks" [b, T, H, W] bool, augmented with the images).
     batch_size: examples per process per step.
     seed: the run's seed; with `start_step` it fixes every batch. Each epoch is a fresh
       permutation, cut to a whole number of global batches (the tail is dropped).
@@ -220,7 +250,7 @@ def train_dataset(records: coco.CocoRecords, batch_size: int, seed: int, options
 
   indices = tf.data.Dataset.range(2**62).flat_map(epoch_indices).enumerate().skip(start_step * global_batch)
   indices = _this_process_slice(indices, batch_size, process_index, process_count)
-  load = coco_folder_examples(records)
+  load = _example_loader(records)
   augment = _train_example(seed, options)
   dataset = _parallel_map(indices, lambda position, index: augment(position, load(index)))
   return _batch(dataset.ignore_errors(log_warning=True), batch_size, options)
@@ -238,7 +268,7 @@ def eval_dataset(records: coco.CocoRecords, batch_size: int, options: PipelineOp
   per_process = math.ceil(math.ceil(num / process_count) / batch_size) * batch_size
   positions = np.arange(per_process) * process_count + process_index
   indices = tf.data.Dataset.from_tensor_slices((np.minimum(positions, num - 1), positions < num))
-  load = coco_folder_examples(records)
+  load = _example_loader(records)
 
   dataset = _parallel_map(indices, lambda index, real: {**_eval_example(load(index), options), "example_mask": real})
   return _batch(dataset, batch_size, options)
@@ -269,7 +299,10 @@ def _pad_to_common_shape(batch: dict) -> dict:
   shape = np.array(batch["image"].shape[1:3])
   height, width = np.asarray(multihost_utils.process_allgather(shape)).max(axis=0)
   extra = [(0, 0), (0, height - shape[0]), (0, width - shape[1])]
-  return {**batch, "image": np.pad(batch["image"], extra + [(0, 0)]), "pixel_mask": np.pad(batch["pixel_mask"], extra)}
+  padded = {**batch, "image": np.pad(batch["image"], extra + [(0, 0)]), "pixel_mask": np.pad(batch["pixel_mask"], extra)}
+  if "masks" in batch:
+    padded["masks"] = np.pad(batch["masks"], [(0, 0), *extra])
+  return padded
 
 
 def to_global_batch(batch: dict, sharding) -> dict:

@@ -1,8 +1,10 @@
 """DETR's augmentations as TensorFlow ops (official `datasets/transforms.py` and `datasets/coco.py`).
 
 An example is {"image": [H, W, 3] float32 in [0, 255], "boxes": [N, 4] float32 xyxy pixels,
-"labels": [N] int32, ...}. Randomness is stateless: every op takes a [2] int32 seed, so the
-same (seed, element index) always gives the same augmentation.
+"labels": [N] int32, ...}, and for panoptic data also "masks": [N, H, W] bool, which every
+geometric op transforms with the image (nearest resizing, as the official code). Randomness is
+stateless: every op takes a [2] int32 seed, so the same (seed, element index) always gives the
+same augmentation.
 """
 
 import tensorflow as tf
@@ -38,7 +40,18 @@ def resize(example, size, max_size=None):
   resized = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
   ratio = tf.cast(tf.stack([new_w, new_h, new_w, new_h]), tf.float32) / tf.cast(
       tf.stack([width, height, width, height]), tf.float32)
-  return {**example, "image": resized, "boxes": example["boxes"] * ratio}
+  example = {**example, "image": resized, "boxes": example["boxes"] * ratio}
+  if "masks" in example:
+    masks = tf.gather(example["masks"], _legacy_nearest_indices(height, new_h), axis=1)
+    example["masks"] = tf.gather(masks, _legacy_nearest_indices(width, new_w), axis=2)
+  return example
+
+
+def _legacy_nearest_indices(in_size, out_size):
+  """Source rows of PyTorch's `F.interpolate(mode="nearest")`: floor(dst * in / out) in float32."""
+  scale = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
+  indices = tf.cast(tf.floor(tf.cast(tf.range(out_size), tf.float32) * scale), tf.int32)
+  return tf.minimum(indices, in_size - 1)
 
 
 def random_resize(example, sizes, max_size, seed):
@@ -52,7 +65,10 @@ def horizontal_flip(example):
   image = example["image"]
   width = tf.cast(tf.shape(image)[1], tf.float32)
   x0, y0, x1, y1 = tf.unstack(example["boxes"], axis=-1)
-  return {**example, "image": image[:, ::-1], "boxes": tf.stack([width - x1, y0, width - x0, y1], axis=-1)}
+  flipped = {**example, "image": image[:, ::-1], "boxes": tf.stack([width - x1, y0, width - x0, y1], axis=-1)}
+  if "masks" in example:
+    flipped["masks"] = example["masks"][:, :, ::-1]
+  return flipped
 
 
 def random_size_crop(example, min_size, max_size, seed):
@@ -70,8 +86,11 @@ def random_size_crop(example, min_size, max_size, seed):
   limit = tf.cast(tf.stack([crop_w, crop_h, crop_w, crop_h]), tf.float32)
   boxes = tf.clip_by_value(example["boxes"] - offset, 0.0, limit)
   keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-  return {**example, "image": image, "boxes": tf.boolean_mask(boxes, keep),
-          "labels": tf.boolean_mask(example["labels"], keep)}
+  cropped = {**example, "image": image, "boxes": tf.boolean_mask(boxes, keep),
+             "labels": tf.boolean_mask(example["labels"], keep)}
+  if "masks" in example:
+    cropped["masks"] = tf.boolean_mask(example["masks"][:, top:top + crop_h, left:left + crop_w], keep)
+  return cropped
 
 
 def _randint(seed, low, high):

@@ -1,0 +1,113 @@
+"""COCO panoptic folders (official `datasets/coco_panoptic.py`).
+
+Layout: `annotations/panoptic_{split}.json`, `annotations/panoptic_{split}/*.png` (segment ids
+RGB-encoded: id = R + 256 G + 256^2 B, 0 = unlabelled) and `{split}/*.jpg`. Each segment of
+`segments_info` becomes a mask, its category id a label, and its box the tight xyxy box of the
+mask (official `masks_to_boxes`). Crowd segments are kept, as in the official loader.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from detr_jax.data import coco
+
+
+@dataclasses.dataclass
+class PanopticRecords:
+  """One split, columnar: paths [N], png_paths [N], image_ids [N] int64, sizes [N, 2] (height,
+  width); segment_ids [M] int32 and labels [M] int32 for all segments, with row_lengths [N];
+  categories {id: {"name", "isthing"}}; skipped: what was left out and why."""
+
+  paths: np.ndarray
+  png_paths: np.ndarray
+  image_ids: np.ndarray
+  sizes: np.ndarray
+  segment_ids: np.ndarray
+  labels: np.ndarray
+  row_lengths: np.ndarray
+  categories: dict
+  skipped: coco.SkipReport
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  @property
+  def thing_ids(self) -> set:
+    return {i for i, c in self.categories.items() if c["isthing"]}
+
+
+def load_panoptic_folder(data_dir: str, split: str = "train2017") -> PanopticRecords:
+  """Reads and validates a COCO panoptic split.
+
+  Raises:
+    coco.DatasetError: the json, the PNG folder or the image folder is missing, or the json is
+      unreadable or lists no annotations or categories.
+  Images or PNGs that are missing, empty or not images are skipped and counted by file name.
+  """
+  ann_path = os.path.join(data_dir, "annotations", f"panoptic_{split}.json")
+  png_dir = os.path.join(data_dir, "annotations", f"panoptic_{split}")
+  image_dir = os.path.join(data_dir, split)
+  for path, isdir in ((ann_path, False), (png_dir, True), (image_dir, True)):
+    if not (os.path.isdir(path) if isdir else os.path.isfile(path)):
+      raise coco.DatasetError(f"{path} does not exist.")
+  try:
+    with open(ann_path) as f:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise coco.DatasetError(f"{ann_path} is not valid JSON ({error}).") from error
+  if not data.get("annotations") or not data.get("categories"):
+    raise coco.DatasetError(f"{ann_path} lists no annotations or no categories.")
+
+  images = {image["id"]: image for image in data.get("images", [])}
+  skipped = coco.SkipReport()
+  columns = {k: [] for k in ("paths", "png_paths", "image_ids", "sizes", "segment_ids", "labels", "row_lengths")}
+  for ann in sorted(data["annotations"], key=lambda a: a["image_id"]):
+    image = images.get(ann["image_id"])
+    if image is None:
+      skipped.add("annotation of an image absent from `images`", ann["image_id"])
+      continue
+    path, png_path = os.path.join(image_dir, image["file_name"]), os.path.join(png_dir, ann["file_name"])
+    problem = coco.image_problem(path) or coco.image_problem(png_path)
+    if problem:
+      skipped.add(problem, f"{image['file_name']} / {ann['file_name']}")
+      continue
+    segments = ann["segments_info"]
+    columns["paths"].append(path)
+    columns["png_paths"].append(png_path)
+    columns["image_ids"].append(image["id"])
+    columns["sizes"].append((image["height"], image["width"]))
+    columns["segment_ids"].extend(s["id"] for s in segments)
+    columns["labels"].extend(s["category_id"] for s in segments)
+    columns["row_lengths"].append(len(segments))
+  if not columns["paths"]:
+    raise coco.DatasetError(f"No usable images in {image_dir}:\n{skipped.summary()}")
+  return PanopticRecords(
+      paths=np.array(columns["paths"]), png_paths=np.array(columns["png_paths"]),
+      image_ids=np.array(columns["image_ids"], np.int64), sizes=np.array(columns["sizes"], np.int32),
+      segment_ids=np.array(columns["segment_ids"], np.int32), labels=np.array(columns["labels"], np.int32),
+      row_lengths=np.array(columns["row_lengths"], np.int64),
+      categories={c["id"]: {"name": c["name"], "isthing": bool(c["isthing"])} for c in data["categories"]},
+      skipped=skipped)
+
+
+def rgb_to_id(rgb):
+  """[..., 3] uint8 panoptic PNG pixels -> [...] int32 segment ids (panopticapi's `rgb2id`)."""
+  rgb = tf.cast(rgb, tf.int32)
+  return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def masks_to_boxes(masks):
+  """[N, H, W] bool -> [N, 4] float32 xyxy: min and max pixel index (official `masks_to_boxes`)."""
+  def extent(axis_any, size):
+    index = tf.range(size, dtype=tf.float32)
+    low = tf.reduce_min(tf.where(axis_any, index, 1e8), axis=-1)
+    high = tf.reduce_max(tf.where(axis_any, index, 0.0), axis=-1)
+    return low, high
+  x0, x1 = extent(tf.reduce_any(masks, axis=1), tf.shape(masks)[2])
+  y0, y1 = extent(tf.reduce_any(masks, axis=2), tf.shape(masks)[1])
+  return tf.stack([x0, y0, x1, y1], axis=-1)
+
