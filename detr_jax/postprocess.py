@@ -1,7 +1,11 @@
-"""Detection post-processing for COCO evaluation (official `PostProcess` in `models/detr.py`)."""
+"""Post-processing: detections for COCO box evaluation (official `PostProcess`, models/detr.py)
+and panoptic segments (official `PostProcessPanoptic`, models/segmentation.py)."""
+
+import collections
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from detr_jax import box_ops
 
@@ -23,3 +27,65 @@ def detections(outputs, original_sizes):
   height, width = original_sizes[:, 0], original_sizes[:, 1]
   scale = jnp.stack([width, height, width, height], axis=-1).astype(jnp.float32)[:, None, :]
   return scores, labels, box_ops.cxcywh_to_xyxy(outputs["pred_boxes"]) * scale
+
+
+def _bilinear_resize(masks: np.ndarray, size) -> np.ndarray:
+  """[n, h, w] -> [n, *size]: `F.interpolate(mode="bilinear", align_corners=False)` (half-pixel, no antialias)."""
+  return np.asarray(jax.image.resize(masks, (masks.shape[0], *size), "bilinear", antialias=False))
+
+
+def _pil_nearest_resize(ids: np.ndarray, size) -> np.ndarray:
+  """[h, w] -> size, as PIL's Image.resize(NEAREST): source = floor((dst + 0.5) * in / out)."""
+  rows = np.minimum(((np.arange(size[0]) + 0.5) * ids.shape[0] / size[0]).astype(np.int64), ids.shape[0] - 1)
+  cols = np.minimum(((np.arange(size[1]) + 0.5) * ids.shape[1] / size[1]).astype(np.int64), ids.shape[1] - 1)
+  return ids[rows][:, cols]
+
+
+def panoptic(pred_logits, pred_masks, processed_size, target_size, thing_ids, threshold: float = 0.85):
+  """One image's panoptic segmentation (official `PostProcessPanoptic`, models/segmentation.py).
+
+  Queries whose best real class scores above `threshold` are kept; their mask logits are
+  resized (bilinear) to `processed_size`, each pixel goes to its highest-logit query, masks of the
+  same stuff class are merged, the map is resized (nearest) to `target_size`, and segments of 4
+  pixels or fewer are dropped (repeatedly, recomputing the map; as in the official code the stuff
+  merge applies to the first map only).
+
+  Args:
+    pred_logits: [Q, K + 1]; pred_masks: [Q, h, w] logits at 1/4 of the padded input (numpy).
+    processed_size: (height, width) of the resized, unpadded input in pixels.
+    target_size: (height, width) of the output (the original image).
+    thing_ids: the category ids that are things; other ids are stuff.
+  Returns:
+    segment_ids [H, W] int32 (segment index i, as in the official PNG) and segments_info, a list
+    of {"id": i, "isthing", "category_id", "area"} in pixels of the output.
+  """
+  logits = np.asarray(pred_logits, np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  scores, labels = probs[:, :-1].max(-1), probs.argmax(-1)
+  keep = (labels != logits.shape[-1] - 1) & (scores > threshold)
+  labels = labels[keep]
+  masks = _bilinear_resize(np.asarray(pred_masks, np.float32)[keep], tuple(processed_size))
+  stuff_groups = collections.defaultdict(list)
+  for k, label in enumerate(labels):
+    if int(label) not in thing_ids:
+      stuff_groups[int(label)].append(k)
+
+  def segment_map(masks, merge_stuff):
+    ids = masks.argmax(0) if len(masks) else np.zeros(masks.shape[1:], np.int64)
+    if merge_stuff:
+      for group in stuff_groups.values():
+        ids[np.isin(ids, group)] = group[0]
+    ids = _pil_nearest_resize(ids, tuple(target_size))
+    return ids, [int((ids == i).sum()) for i in range(len(masks))]
+
+  ids, areas = segment_map(masks, merge_stuff=True)
+  while len(labels):
+    small = np.array([area <= 4 for area in areas])
+    if not small.any():
+      break
+    labels, masks = labels[~small], masks[~small]
+    ids, areas = segment_map(masks, merge_stuff=False)
+  segments = [{"id": i, "isthing": int(label) in thing_ids, "category_id": int(label), "area": area}
+              for i, (label, area) in enumerate(zip(labels, areas))]
+  return ids.astype(np.int32), segments

@@ -95,8 +95,8 @@ def load_panoptic_folder(data_dir: str, split: str = "train2017") -> PanopticRec
 
 
 def rgb_to_id(rgb):
-  """[..., 3] uint8 panoptic PNG pixels -> [...] int32 segment ids (panopticapi's `rgb2id`)."""
-  rgb = tf.cast(rgb, tf.int32)
+  """[..., 3] panoptic PNG pixels, already cast to a wide integer type (numpy or TF) -> [...]
+  segment ids: R + 256 G + 256^2 B (panopticapi's `rgb2id`)."""
   return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
