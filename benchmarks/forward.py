@@ -4,7 +4,9 @@ Both run the same random weights (ported from the PyTorch model) on the same 800
 in one process on the same machine. Prints ms/image for each and the ratio PyTorch / JAX
 (above 1: JAX is faster).
 
-  python benchmarks/forward.py [--batch_sizes 1,2] [--iters 5] [--dtypes float32,bfloat16]
+  python benchmarks/forward.py [--batch_sizes 1,2] [--iters 5] [--dtypes float32,bfloat16] [--panoptic]
+
+--panoptic times the panoptic model (mask head, 250 classes) against DetrForSegmentation.
 
 On a GPU, PyTorch runs on CUDA in float32 and JAX on the default device in each dtype.
 """
@@ -30,12 +32,14 @@ def main():
   parser.add_argument("--dtypes", default="float32")
   parser.add_argument("--height", type=int, default=800)
   parser.add_argument("--width", type=int, default=1066)
+  parser.add_argument("--panoptic", action="store_true")
   args = parser.parse_args()
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  reference = hf_detr(50).to(device)
+  reference = (hf_detr(50, segmentation=True, num_labels=250) if args.panoptic else hf_detr(50)).to(device)
   state_dict = reference.state_dict()
-  print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on {device}; "
+  print(f"DETR-R50{'-panoptic' if args.panoptic else ''}; "
+        f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on {device}; "
         f"torch threads {torch.get_num_threads()}; input {args.height}x{args.width}")
   print(f"{'batch':>5} {'dtype':>9} {'torch ms/img':>13} {'jax ms/img':>11} {'torch/jax':>10}")
   for batch in map(int, args.batch_sizes.split(",")):

@@ -8,6 +8,7 @@ symmetric, because Flax's 'SAME' pads stride-2 convolutions asymmetrically.
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,7 +55,25 @@ class FrozenBatchNorm(nn.Module):
     return x * scale.astype(self.dtype) + shift.astype(self.dtype)
 
 
+class PointwiseConv(nn.Module):
+  """A bias-free 1x1 convolution written as a matmul over channels; same "kernel" [1, 1, in, out]
+  as nn.Conv. XLA:CPU computes the kernel gradient of a 1x1 nn.Conv several times slower than
+  that of the equivalent matmul, and these convolutions carry most of a bottleneck's work."""
+
+  features: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", initializers.resnet_conv_kernel, (1, 1, x.shape[-1], self.features))
+    x = x[:, ::self.stride, ::self.stride].astype(self.dtype)
+    return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0].astype(self.dtype))
+
+
 def _conv(features, kernel, stride, padding, dilation, dtype, name):
+  if kernel == 1:
+    return PointwiseConv(features, stride, dtype, name=name)
   return nn.Conv(
       features,
       (kernel, kernel),
@@ -146,6 +165,10 @@ class ResNet(nn.Module):
             name=f"layer{stage + 1}_{index}",
         )(x)
         in_features = out_features
+      if stage == 0:
+        # The stem and layer1 are frozen (official `backbone.py` trains layer2..layer4 only), so
+        # no gradient flows below layer2, as with torch's requires_grad=False.
+        x = jax.lax.stop_gradient(x)
       features.append(x)
     return features
 

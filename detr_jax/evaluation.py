@@ -75,7 +75,8 @@ def coco_metrics(annotation_path: str, results: list[dict], image_ids) -> dict:
     raise ValueError("No detections to evaluate.")
   with contextlib.redirect_stdout(io.StringIO()):
     ground_truth = COCO(annotation_path)
-    evaluator = COCOeval(ground_truth, ground_truth.loadRes(results), "bbox")
+    # loadRes adds fields (area, segmentation, id) to the dicts it is given.
+    evaluator = COCOeval(ground_truth, ground_truth.loadRes([dict(r) for r in results]), "bbox")
     evaluator.params.imgIds = sorted(int(i) for i in image_ids)
     evaluator.evaluate()
     evaluator.accumulate()

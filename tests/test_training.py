@@ -190,6 +190,7 @@ def test_eval_cli_on_ported_checkpoint_matches_pycocotools(coco_mini, tmp_path):
   ground_truth = COCO(str(coco_mini / "annotations" / "instances_val2017.json"))
   first_ids = sorted(ground_truth.getImgIds())[:16]
   assert len(detections) == 16 * 100 and {d["image_id"] for d in detections} == set(first_ids)
+  assert all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in detections)   # COCO results format
   evaluator = COCOeval(ground_truth, ground_truth.loadRes(str(out / "detections.json")), "bbox")
   evaluator.params.imgIds = first_ids
   evaluator.evaluate()
