@@ -25,6 +25,7 @@ def get_config():
       class_cost=1.0, bbox_cost=5.0, giou_cost=2.0,   # matching cost weights
       eos_coef=0.1,                                   # cross-entropy weight of "no object"
       bbox_loss_coef=5.0, giou_loss_coef=2.0,         # loss_ce has weight 1
+      mask_loss_coef=1.0, dice_loss_coef=1.0,         # focal and Dice, when model.masks
       solver="host",   # "host": scipy via callback (9x the official matcher on CPU); "device": optax
   ))
   config.data = ml_collections.ConfigDict(dict(
@@ -46,6 +47,7 @@ def get_config():
       weight_decay=1e-4,
       clip_max_norm=0.1,
       lr_drop_epochs=200,        # lr x0.1 after this many epochs
+      train_mask_head_only=False,  # panoptic recipe: train bbox_attention + mask head on a frozen detector
   ))
   config.init = ml_collections.ConfigDict(dict(
       checkpoint="",             # DETR .pth / .safetensors (official or HF) or orbax dir: the whole model

@@ -7,8 +7,11 @@
   `batch_stats` collection, which the optimiser never sees.
 - One global-norm clip at 0.1 over the trained parameters' gradients.
 - Both learning rates drop x0.1 at `lr_drop_epochs` (official StepLR, stepped per epoch).
+- `train_mask_head_only`: the panoptic recipe, which trains bbox_attention and the mask head on
+  a frozen detector (official `--frozen_weights`); every other parameter is frozen.
 """
 
+import functools
 from typing import Any, Mapping
 
 import flax
@@ -16,21 +19,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from detr_jax import segmentation
+
 FROZEN, BACKBONE, TRANSFORMER = "frozen", "backbone", "transformer"
 FROZEN_BACKBONE_PREFIXES = ("conv1", "layer1_")
 
 
-def parameter_group(path: tuple[str, ...]) -> str:
+def parameter_group(path: tuple[str, ...], mask_head_only: bool = False) -> str:
   """FROZEN, BACKBONE or TRANSFORMER (the rest: projection, transformer, queries, heads) for a param path."""
+  if mask_head_only:
+    return TRANSFORMER if path[0] in segmentation.MODULE_NAMES else FROZEN
   if path[0] != "backbone":
     return TRANSFORMER
   return FROZEN if path[1].startswith(FROZEN_BACKBONE_PREFIXES) else BACKBONE
 
 
-def parameter_groups(params) -> Any:
+def parameter_groups(params, mask_head_only: bool = False) -> Any:
   """The tree of `parameter_group` labels matching `params`."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-  return flax.traverse_util.unflatten_dict({path: parameter_group(path) for path in flat})
+  return flax.traverse_util.unflatten_dict({path: parameter_group(path, mask_head_only) for path in flat})
 
 
 def learning_rate_schedules(optimizer_config: Mapping[str, Any], steps_per_epoch: int) -> dict[str, optax.Schedule]:
@@ -40,9 +47,9 @@ def learning_rate_schedules(optimizer_config: Mapping[str, Any], steps_per_epoch
           for name in ("lr", "lr_backbone")}
 
 
-def trained_gradient_norm(grads) -> jax.Array:
+def trained_gradient_norm(grads, mask_head_only: bool = False) -> jax.Array:
   """Global L2 norm of the trained parameters' gradients (the official logged `grad_norm`)."""
-  groups = parameter_groups(grads)
+  groups = parameter_groups(grads, mask_head_only)
   return optax.tree.norm(jax.tree.map(lambda g, group: g if group != FROZEN else jnp.zeros_like(g), grads, groups))
 
 
@@ -50,10 +57,12 @@ def create(optimizer_config: Mapping[str, Any], steps_per_epoch: int) -> optax.G
   """The optimiser for `variables["params"]`, from `config.optimizer`.
 
   Args:
-    optimizer_config: lr, lr_backbone, weight_decay, clip_max_norm, lr_drop_epochs.
+    optimizer_config: lr, lr_backbone, weight_decay, clip_max_norm, lr_drop_epochs and
+      optionally train_mask_head_only.
     steps_per_epoch: optimiser steps per epoch, which turns lr_drop_epochs into a step.
   """
   schedules = learning_rate_schedules(optimizer_config, steps_per_epoch)
+  groups = functools.partial(parameter_groups, mask_head_only=optimizer_config.get("train_mask_head_only", False))
 
   def adamw(name):
     return optax.adamw(schedules[name], b1=0.9, b2=0.999, eps=1e-8, weight_decay=optimizer_config["weight_decay"])
@@ -61,8 +70,8 @@ def create(optimizer_config: Mapping[str, Any], steps_per_epoch: int) -> optax.G
   # Frozen gradients are zeroed before the clip, so that, as in the official code, only the
   # trained parameters count towards the global norm.
   return optax.chain(
-      optax.masked(optax.set_to_zero(), lambda params: jax.tree.map(lambda g: g == FROZEN, parameter_groups(params))),
+      optax.masked(optax.set_to_zero(), lambda params: jax.tree.map(lambda g: g == FROZEN, groups(params))),
       optax.clip_by_global_norm(optimizer_config["clip_max_norm"]),
       optax.multi_transform({FROZEN: optax.set_to_zero(), BACKBONE: adamw("lr_backbone"),
-                             TRANSFORMER: adamw("lr")}, parameter_groups),
+                             TRANSFORMER: adamw("lr")}, groups),
   )

@@ -30,6 +30,7 @@ import numpy as np
 
 from detr_jax import backbone as backbone_lib
 from detr_jax import detr as detr_lib
+from detr_jax import segmentation
 
 MODEL_CONFIG_FILE = "model_config.json"
 VARIABLES_DIR = "variables"
@@ -54,7 +55,7 @@ _LEAF_NAMES = {"kernel": "weight", "in_proj_kernel": "in_proj_weight", "scale": 
                "embedding": "weight", "mean": "running_mean", "var": "running_var"}
 
 
-MASK_MODULES = ("bbox_attention", "mask_head")
+MASK_MODULES = segmentation.MODULE_NAMES
 PANOPTIC_PREFIX = "detr."
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from detr_jax import backbone as backbone_lib
 
+MODULE_NAMES = ("bbox_attention", "mask_head")   # the parameters the panoptic extension adds
 GROUP_NORM_GROUPS = 8
 GROUP_NORM_EPS = 1e-5  # torch.nn.GroupNorm's default; Flax's is 1e-6
 
@@ -84,7 +85,9 @@ class MaskHead(nn.Module):
 
     def block(x, index):
       x = conv(widths[index - 1], 3, f"lay{index}")(x)
-      x = nn.GroupNorm(GROUP_NORM_GROUPS, epsilon=GROUP_NORM_EPS, dtype=jnp.float32, name=f"gn{index}")(x)
+      # min(8, channels) as transformers does: 8 for the official width 256, valid for narrow heads.
+      groups = min(GROUP_NORM_GROUPS, widths[index - 1])
+      x = nn.GroupNorm(groups, epsilon=GROUP_NORM_EPS, dtype=jnp.float32, name=f"gn{index}")(x)
       return nn.relu(x).astype(self.dtype)
 
     x = block(x, 1)

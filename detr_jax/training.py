@@ -28,8 +28,8 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from detr_jax import detr, evaluation, losses, matcher, optim, porting
-from detr_jax.data import coco, generated, pipeline
+from detr_jax import detr, evaluation, losses, matcher, optim, porting, segmentation
+from detr_jax.data import coco, coco_panoptic, generated, pipeline
 
 BATCH_AXIS = "data"
 CHECKPOINT_DIR = "checkpoints"
@@ -88,19 +88,21 @@ def _load_detr_weights(path: str, dilation: bool):
 
 
 def _overwrite(fresh, loaded, what: str, keep_fresh=()):
-  """`loaded` placed into `fresh`, requiring the same keys and shapes except under `keep_fresh` prefixes."""
+  """`loaded` placed into `fresh`: the same keys and shapes are required, except under the
+  `keep_fresh` module prefixes, which keep their fresh values."""
   fresh_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(fresh))
   loaded_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded))
   kept = lambda path: any(path[1:1 + len(prefix)] == prefix for prefix in keep_fresh)
   missing = [path for path in fresh_flat if path not in loaded_flat and not kept(path)]
+  unexpected = [path for path in loaded_flat if path not in fresh_flat]
   mismatched = [f"{'/'.join(path)} {np.shape(loaded_flat[path])} vs {np.shape(value)}"
                 for path, value in fresh_flat.items()
                 if path in loaded_flat and not kept(path) and np.shape(loaded_flat[path]) != np.shape(value)]
-  if missing or mismatched:
+  if missing or unexpected or mismatched:
     hint = " (another number of classes? set init.reset_class_head)" if any("class_embed" in m for m in mismatched) else ""
     raise porting.CheckpointMismatchError(
         f"{what} does not fit config.model{hint}: missing {['/'.join(p) for p in missing][:5]}, "
-        f"shape mismatches (checkpoint vs config) {mismatched[:5]}")
+        f"unexpected {['/'.join(p) for p in unexpected][:5]}, shape mismatches (checkpoint vs config) {mismatched[:5]}")
   return flax.traverse_util.unflatten_dict(
       {path: value if kept(path) or path not in loaded_flat else jnp.asarray(loaded_flat[path])
        for path, value in fresh_flat.items()})
@@ -111,15 +113,18 @@ def initial_variables(config: ml_collections.ConfigDict, model: detr.DETR):
 
   From scratch: the official initialisers with `config.seed`. `init.checkpoint` (DETR .pth,
   .safetensors or orbax dir) replaces every variable, except class_embed with
-  `init.reset_class_head`; `init.backbone_checkpoint` (torchvision ResNet) replaces the backbone.
+  `init.reset_class_head` and a new mask head when a box model initialises a panoptic one;
+  `init.backbone_checkpoint` (torchvision ResNet) replaces the backbone.
   Raises:
     porting.CheckpointMismatchError: a checkpoint does not fit config.model.
   """
   variables = detr.init_variables(model, jax.random.PRNGKey(config.seed))
   if config.init.checkpoint:
+    loaded = _load_detr_weights(config.init.checkpoint, config.model.dilation)
     keep_fresh = (("class_embed",),) if config.init.reset_class_head else ()
-    variables = _overwrite(variables, _load_detr_weights(config.init.checkpoint, config.model.dilation),
-                           config.init.checkpoint, keep_fresh)
+    if model.masks and "mask_head" not in loaded["params"]:   # a box model under a new mask head
+      keep_fresh += tuple((name,) for name in segmentation.MODULE_NAMES)
+    variables = _overwrite(variables, loaded, config.init.checkpoint, keep_fresh)
   if config.init.backbone_checkpoint:
     backbone = porting.load_torchvision_backbone(config.init.backbone_checkpoint, depth=config.model.backbone_depth)
     merged = {collection: {**variables[collection], **backbone[collection]} for collection in variables}
@@ -140,17 +145,19 @@ def abstract_train_state(model: detr.DETR, tx, mesh: Mesh):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
 
 
-def metric_collection(num_decoder_layers: int):
+def metric_collection(num_decoder_layers: int, masks: bool = False):
   """A clu Collection averaging the loss, every loss term and the gradient norm over steps."""
-  names = ["loss", *losses.term_names(num_decoder_layers), "grad_norm"]
+  names = ["loss", *losses.term_names(num_decoder_layers), *(("loss_mask", "loss_dice") if masks else ()), "grad_norm"]
   return clu_metrics.Collection.create(**{name: clu_metrics.Average.from_output(name) for name in names})
 
 
-def make_train_step(model: detr.DETR, criterion: losses.SetCriterion, tx, mesh: Mesh, metrics_class):
+def make_train_step(model: detr.DETR, criterion: losses.SetCriterion, tx, mesh: Mesh, metrics_class,
+                    mask_head_only: bool = False):
   """jit(state, batch) -> (state, metrics, loss): one optimiser step on a global batch.
 
   The batch is sharded on the mesh's data axis and the state replicated; the state's buffers
   are donated. Matching runs inside the step (host callback or on device, per the criterion).
+  `mask_head_only` (the optimiser's panoptic mode) restricts the logged gradient norm to the mask head.
   """
   def train_step(state: TrainState, batch):
     def loss_fn(params):
@@ -163,8 +170,8 @@ def make_train_step(model: detr.DETR, criterion: losses.SetCriterion, tx, mesh: 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
-    step_metrics = metrics_class.single_from_model_output(loss=loss, grad_norm=optim.trained_gradient_norm(grads),
-                                                          **terms)
+    step_metrics = metrics_class.single_from_model_output(
+        loss=loss, grad_norm=optim.trained_gradient_norm(grads, mask_head_only), **terms)
     return new_state, step_metrics, loss
 
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -203,7 +210,10 @@ def _training_batches(config, directory: str, options, start_step: int):
     dataset = pipeline.tfds_dataset(config.data.train_split, per_process, config.seed, options, train=True,
                                     data_dir=directory or None, start_step=start_step)
     return dataset, num_images // config.batch_size
-  records = coco.load_coco_folder(directory, config.data.train_split, keep_empty=config.data.keep_empty_train)
+  if config.data.source == "coco_panoptic":
+    records = coco_panoptic.load_panoptic_folder(directory, config.data.train_split)
+  else:
+    records = coco.load_coco_folder(directory, config.data.train_split, keep_empty=config.data.keep_empty_train)
   if config.data.train_max_images:
     records = records.first(config.data.train_max_images)
   if records.num_classes > config.model.num_classes:
@@ -219,17 +229,20 @@ def _check_batch_sizes(config, mesh: Mesh):
       raise ValueError(f"config.{name}={config[name]} is not a multiple of the {mesh.devices.size} devices.")
 
 
-def _data_position(config, step: int) -> dict:
+def _run_record(config, step: int) -> dict:
+  """What a checkpoint needs besides the state: the data position, and the optimiser mode that
+  shapes the optimiser state."""
   return {"step": step, "global_batch_size": config.batch_size, "seed": config.seed,
-          "examples_seen": step * config.batch_size}
+          "examples_seen": step * config.batch_size,
+          "train_mask_head_only": bool(config.optimizer.train_mask_head_only)}
 
 
 def _check_resumable(saved: dict, config, workdir: str):
-  for key in ("global_batch_size", "seed"):
-    expected = config.batch_size if key == "global_batch_size" else config.seed
+  for key in ("global_batch_size", "seed", "train_mask_head_only"):
+    expected = _run_record(config, 0)[key]
     if saved[key] != expected:
       raise ValueError(f"{workdir} was trained with {key}={saved[key]}; resuming with {expected} would not "
-                       "continue the same data order. Use a new workdir or the original setting.")
+                       "continue the same run. Use a new workdir or the original setting.")
 
 
 def checkpoint_manager(workdir: str, config=None) -> ocp.CheckpointManager:
@@ -238,7 +251,7 @@ def checkpoint_manager(workdir: str, config=None) -> ocp.CheckpointManager:
       save_interval_steps=config.checkpoint_every_steps if config else 1,
       enable_async_checkpointing=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options,
-                               item_names=("state", "data"))
+                               item_names=("state", "run"))
 
 
 def restore_variables(workdir: str, mesh: Optional[Mesh] = None, step: Optional[int] = None):
@@ -256,8 +269,10 @@ def restore_variables(workdir: str, mesh: Optional[Mesh] = None, step: Optional[
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{workdir} has no checkpoint under {CHECKPOINT_DIR}/.")
-    # The optimiser's structure, not its settings, shapes the state; any optimiser config fits.
-    tx = optim.create({"lr": 1.0, "lr_backbone": 1.0, "weight_decay": 0.0, "clip_max_norm": 1.0, "lr_drop_epochs": 1}, 1)
+    run = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+    # The optimiser's structure, not its rates, shapes the state; only the mode matters here.
+    tx = optim.create({"lr": 1.0, "lr_backbone": 1.0, "weight_decay": 0.0, "clip_max_norm": 1.0, "lr_drop_epochs": 1,
+                       "train_mask_head_only": run["train_mask_head_only"]}, 1)
     target = abstract_train_state(model, tx, mesh or create_mesh())
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   return model, restored["state"].variables
@@ -300,8 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   tx = optim.create(config.optimizer, steps_per_epoch)
   if start_step:
     restored = manager.restore(start_step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_train_state(model, tx, mesh)), data=ocp.args.JsonRestore()))
-    _check_resumable(restored["data"], config, workdir)
+        state=ocp.args.StandardRestore(abstract_train_state(model, tx, mesh)), run=ocp.args.JsonRestore()))
+    _check_resumable(restored["run"], config, workdir)
     state = restored["state"]
     logging.info("Resumed %s at step %d.", workdir, start_step)
   else:
@@ -318,9 +333,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       num_classes=config.model.num_classes, eos_coef=config.loss.eos_coef,
       cost_weights=matcher.CostWeights(config.loss.class_cost, config.loss.bbox_cost, config.loss.giou_cost),
       bbox_loss_coef=config.loss.bbox_loss_coef, giou_loss_coef=config.loss.giou_loss_coef,
-      solver=config.loss.solver, mesh=mesh, batch_axis=BATCH_AXIS)
-  metrics_class = metric_collection(config.model.num_decoder_layers if config.model.aux_loss else 1)
-  train_step = make_train_step(model, criterion, tx, mesh, metrics_class)
+      solver=config.loss.solver, mesh=mesh, batch_axis=BATCH_AXIS,
+      mask_loss_coef=config.loss.mask_loss_coef, dice_loss_coef=config.loss.dice_loss_coef)
+  metrics_class = metric_collection(config.model.num_decoder_layers if config.model.aux_loss else 1, model.masks)
+  train_step = make_train_step(model, criterion, tx, mesh, metrics_class, config.optimizer.train_mask_head_only)
   predict_fn = evaluation.make_predict_fn(model)
   schedules = optim.learning_rate_schedules(config.optimizer, steps_per_epoch)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -333,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   def save(step, force=False):
     return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      data=ocp.args.JsonSave(_data_position(config, step))),
+                                                      run=ocp.args.JsonSave(_run_record(config, step))),
                         force=force)
 
   accumulated, last_log_time, last_log_step = None, time.perf_counter(), start_step
@@ -370,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     preemption.close()
     manager.close()
     writer.flush()
-  if config.data.eval_split and config.data.source != "tfds":
+  if config.data.eval_split and config.data.source in ("coco_folder", "generated"):
     _evaluate(config, model, state, directory, options, mesh, predict_fn, writer, num_steps,
               os.path.join(workdir, f"eval_{num_steps}"))
     writer.flush()

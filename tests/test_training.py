@@ -19,7 +19,7 @@ import pytest
 from configs import coco_mini_cpu
 from detr_jax import evaluation, postprocess, summaries, training
 from detr_jax.data import pipeline
-from tests.conftest import REPO_ROOT, hf_detr, run_on_cpu_devices
+from tests.conftest import REPO_ROOT, hf_detr, require_shared_file, run_on_cpu_devices
 
 LOSS_TERMS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0")
 
@@ -238,3 +238,32 @@ def test_initialisation_from_detr_and_torchvision_checkpoints(tmp_path):
   for key, value in with_backbone.items():
     expected = _flat(ported)[key] if key[1] == "backbone" else fresh[key]
     assert np.array_equal(value, expected), key
+
+
+def test_panoptic_mask_head_trains_on_a_frozen_detector(coco_mini, tmp_path):
+  """The panoptic recipe on coco-mini's panoptic annotations: only bbox_attention and the mask head move."""
+  from detr_jax import detr, porting, segmentation
+  require_shared_file(coco_mini / "annotations" / "panoptic_train2017.json", "coco-mini's panoptic annotations")
+  config = tiny_config(coco_mini, batch_size=2, num_train_steps=2)
+  config.model.update(masks=True, num_classes=250)
+  config.data.update(source="coco_panoptic", max_boxes=60)
+  config.optimizer.train_mask_head_only = True
+  config.loss.solver = "host"
+  model = detr.from_config(config.model)
+  box_model = detr.from_config({**config.model, "masks": False})
+  box_checkpoint = str(tmp_path / "box.pth")
+  porting.save_pytorch_checkpoint(detr.init_variables(box_model, jax.random.PRNGKey(7)), box_checkpoint)
+  config.init.checkpoint = box_checkpoint
+  start = _flat(training.initial_variables(config, model))
+
+  training.train_and_evaluate(config, str(tmp_path / "run"))
+  _, trained = training.restore_variables(str(tmp_path / "run"))
+  trained = _flat(trained)
+  assert trained.keys() == start.keys()
+  for key, value in trained.items():
+    if key[1] in segmentation.MODULE_NAMES:
+      assert not np.array_equal(value, start[key]), key
+    else:
+      np.testing.assert_array_equal(value, start[key], err_msg=str(key))
+  scalars = summaries.read_scalars(str(tmp_path / "run"))
+  assert all(np.isfinite(scalars[name][2]) and scalars[name][2] > 0 for name in ("loss_mask", "loss_dice"))

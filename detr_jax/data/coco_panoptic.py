@@ -36,6 +36,19 @@ class PanopticRecords:
     return len(self.paths)
 
   @property
+  def num_classes(self) -> int:
+    """Classifier slots to configure: max category id + 1."""
+    return max(self.categories) + 1
+
+  def first(self, count: int) -> "PanopticRecords":
+    """The first `count` images (in id order) with their segments."""
+    num_segments = int(self.row_lengths[:count].sum())
+    return dataclasses.replace(self, paths=self.paths[:count], png_paths=self.png_paths[:count],
+                               image_ids=self.image_ids[:count], sizes=self.sizes[:count],
+                               segment_ids=self.segment_ids[:num_segments], labels=self.labels[:num_segments],
+                               row_lengths=self.row_lengths[:count])
+
+  @property
   def thing_ids(self) -> set:
     return {i for i, c in self.categories.items() if c["isthing"]}
 
