@@ -11,7 +11,6 @@ gives the data settings (scale, padding), the eval batch size and, for `.pth` fi
 Prints the metrics table; OUT gets metrics.json and detections.json (COCO results format).
 """
 
-import os
 
 from absl import app
 from absl import flags
@@ -31,15 +30,6 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 flags.mark_flags_as_required(["checkpoint"])
 
 
-def load_model(checkpoint: str, dilation: bool, mesh):
-  """(model, variables) from a workdir, an orbax directory or a PyTorch file."""
-  if os.path.isdir(os.path.join(checkpoint, training.CHECKPOINT_DIR)):
-    return training.restore_variables(checkpoint, mesh)
-  if os.path.isdir(checkpoint):
-    return porting.load_checkpoint(checkpoint)
-  return porting.load_pytorch_checkpoint(checkpoint, dilation=dilation)
-
-
 def main(argv):
   del argv
   training.quiet_library_logs()
@@ -47,7 +37,7 @@ def main(argv):
     jax.distributed.initialize()
   config = _CONFIG.value
   mesh = training.create_mesh()
-  model, variables = load_model(_CHECKPOINT.value, config.model.dilation, mesh)
+  model, variables = training.load_model(_CHECKPOINT.value, config.model.dilation, mesh)
   data_dir = _DATA_DIR.value or config.data.data_dir
   if not data_dir and config.data.source == "generated":
     data_dir = training.data_dir(config, _CHECKPOINT.value)

@@ -18,11 +18,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from detr_jax import system  # noqa: E402
 from detr_jax.data import coco, pipeline  # noqa: E402
+from tests.conftest import COCO_MINI  # noqa: E402
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--coco_mini", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "coco-mini"))
+  parser.add_argument("--coco_mini", default=str(COCO_MINI))
   parser.add_argument("--images", type=int, default=96)
   parser.add_argument("--batch_size", type=int, default=2)
   args = parser.parse_args()

@@ -25,11 +25,12 @@ from transformers.loss.loss_for_object_detection import HungarianMatcher
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.timing import median_seconds  # noqa: E402
 from detr_jax import matcher, system  # noqa: E402
+from tests.conftest import COCO_MINI  # noqa: E402
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--coco_mini", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "coco-mini"))
+  parser.add_argument("--coco_mini", default=str(COCO_MINI))
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--max_boxes", type=int, default=100)
   parser.add_argument("--iters", type=int, default=5)

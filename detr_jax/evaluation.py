@@ -23,10 +23,6 @@ from detr_jax.data import coco, pipeline
 METRIC_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR@1", "AR@10", "AR@100", "AR_S", "AR_M", "AR_L")
 
 
-def annotation_file(data_dir: str, split: str) -> str:
-  return os.path.join(data_dir, "annotations", f"instances_{split}.json")
-
-
 def make_predict_fn(model: detr.DETR):
   """jit(variables, batch) -> (scores [B, Q], labels [B, Q], boxes [B, Q, 4] xyxy original pixels).
 
@@ -85,6 +81,7 @@ def coco_metrics(annotation_path: str, results: list[dict], image_ids) -> dict:
 
 
 def metrics_table(metrics: dict) -> str:
+  """METRIC_NAMES -> value as a two-line text table (names over values, 4 decimals)."""
   names = [n for n in METRIC_NAMES if n in metrics]
   widths = [max(len(n), 6) for n in names]
   header = " | ".join(n.rjust(w) for n, w in zip(names, widths))
@@ -119,7 +116,7 @@ def evaluate(model: detr.DETR, variables, data_dir: str, split: str, batch_size:
   replicated = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
   results = predict_detections(predict_fn, replicated, dataset, mesh)
   image_ids = records.image_ids[:max_images] if max_images else records.image_ids
-  metrics = coco_metrics(annotation_file(data_dir, split), results, image_ids)
+  metrics = coco_metrics(coco.annotation_path(data_dir, split), results, image_ids)
   metrics["num_images"] = len(image_ids)
   if output_dir and jax.process_index() == 0:
     os.makedirs(output_dir, exist_ok=True)

@@ -32,12 +32,6 @@ class CategoryStat:
   fn: int = 0
 
 
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-  """[...] segment ids -> [..., 3] uint8 (inverse of rgb_to_id)."""
-  ids = ids.astype(np.int64)
-  return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
-
-
 def accumulate(stats: dict, gt_ids: np.ndarray, gt_segments: list, pred_ids: np.ndarray, pred_segments: list,
                image_id=None) -> None:
   """Adds one image's matches to `stats` {category_id: CategoryStat}.
@@ -121,12 +115,6 @@ def summarize(stats: dict, categories: dict) -> dict:
   return results
 
 
-def read_segment_ids(path: str) -> np.ndarray:
-  """A COCO panoptic PNG as [H, W] int64 segment ids."""
-  import tensorflow as tf
-  return coco_panoptic.rgb_to_id(tf.io.decode_png(tf.io.read_file(path), channels=3).numpy().astype(np.int64))
-
-
 def pq_compute(gt_json: str, gt_folder: str, pred_json: str, pred_folder: str) -> dict:
   """PQ, SQ, RQ of COCO-panoptic-format predictions (json + PNG folder) against the ground truth.
 
@@ -145,7 +133,7 @@ def pq_compute(gt_json: str, gt_folder: str, pred_json: str, pred_folder: str) -
     gt_ann = gt_by_image.get(pred_ann["image_id"])
     if gt_ann is None:
       raise ValueError(f"Predicted image {pred_ann['image_id']} is not in {gt_json}.")
-    gt_ids = read_segment_ids(os.path.join(gt_folder, gt_ann["file_name"]))
-    pred_ids = read_segment_ids(os.path.join(pred_folder, pred_ann["file_name"]))
+    gt_ids = coco_panoptic.read_segment_ids(os.path.join(gt_folder, gt_ann["file_name"])).numpy()
+    pred_ids = coco_panoptic.read_segment_ids(os.path.join(pred_folder, pred_ann["file_name"])).numpy()
     accumulate(stats, gt_ids, gt_ann["segments_info"], pred_ids, pred_ann["segments_info"], pred_ann["image_id"])
   return summarize(stats, categories)

@@ -55,7 +55,6 @@ _LEAF_NAMES = {"kernel": "weight", "in_proj_kernel": "in_proj_weight", "scale": 
                "embedding": "weight", "mean": "running_mean", "var": "running_var"}
 
 
-MASK_MODULES = segmentation.MODULE_NAMES
 PANOPTIC_PREFIX = "detr."
 
 
@@ -345,8 +344,8 @@ def to_pytorch_state_dict(variables) -> dict[str, np.ndarray]:
   imported checkpoint it equals the original exactly.
   """
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
-  panoptic = any(path[1] in MASK_MODULES for path in flat)
-  prefix = lambda path: PANOPTIC_PREFIX if panoptic and path[1] not in MASK_MODULES else ""
+  panoptic = any(path[1] in segmentation.MODULE_NAMES for path in flat)
+  prefix = lambda path: PANOPTIC_PREFIX if panoptic and path[1] not in segmentation.MODULE_NAMES else ""
   return {prefix(path) + official_key(path[1:]): np.asarray(_to_torch_layout(path, np.asarray(value, np.float32)))
           for path, value in flat.items()}
 
@@ -417,10 +416,7 @@ def main(argv=None) -> int:
       print(f"Imported {describe(model_config(model))} into {args.out_dir}")
     else:
       from detr_jax import training   # training imports this module
-      if os.path.isdir(os.path.join(args.checkpoint_dir, training.CHECKPOINT_DIR)):
-        _, variables = training.restore_variables(args.checkpoint_dir)
-      else:
-        _, variables = load_checkpoint(args.checkpoint_dir)
+      _, variables = training.load_model(args.checkpoint_dir)
       save_pytorch_checkpoint(variables, args.destination)
       print(f"Exported {args.checkpoint_dir} to {args.destination} (official layout)")
   except (CheckpointMismatchError, FileNotFoundError, FileExistsError) as error:

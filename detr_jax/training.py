@@ -81,10 +81,21 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.data.data_dir
 
 
-def _load_detr_weights(path: str, dilation: bool):
+def load_model(path: str, dilation: bool = False, mesh: Optional[Mesh] = None):
+  """(model, variables) from any checkpoint the project reads.
+
+  path: a train.py workdir (its latest checkpoint), an orbax directory written by
+  `porting.save_checkpoint`, or an official / Hugging Face `.pth` / `.safetensors` file, ported
+  on the fly (`dilation` says whether it is DC5, which keys cannot show).
+  Raises:
+    FileNotFoundError: nothing readable at `path`.
+    porting.CheckpointMismatchError: a PyTorch file that is not a DETR this model can hold.
+  """
+  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+    return restore_variables(path, mesh)
   if os.path.isdir(path):
-    return porting.load_checkpoint(path)[1]
-  return porting.load_pytorch_checkpoint(path, dilation=dilation)[1]
+    return porting.load_checkpoint(path)
+  return porting.load_pytorch_checkpoint(path, dilation=dilation)
 
 
 def _overwrite(fresh, loaded, what: str, keep_fresh=()):
@@ -111,8 +122,8 @@ def _overwrite(fresh, loaded, what: str, keep_fresh=()):
 def initial_variables(config: ml_collections.ConfigDict, model: detr.DETR):
   """Variables to start training from, per `config.init`.
 
-  From scratch: the official initialisers with `config.seed`. `init.checkpoint` (DETR .pth,
-  .safetensors or orbax dir) replaces every variable, except class_embed with
+  From scratch: the official initialisers with `config.seed`. `init.checkpoint` (anything
+  `load_model` reads) replaces every variable, except class_embed with
   `init.reset_class_head` and a new mask head when a box model initialises a panoptic one;
   `init.backbone_checkpoint` (torchvision ResNet) replaces the backbone.
   Raises:
@@ -120,7 +131,7 @@ def initial_variables(config: ml_collections.ConfigDict, model: detr.DETR):
   """
   variables = detr.init_variables(model, jax.random.PRNGKey(config.seed))
   if config.init.checkpoint:
-    loaded = _load_detr_weights(config.init.checkpoint, config.model.dilation)
+    _, loaded = load_model(config.init.checkpoint, config.model.dilation)
     keep_fresh = (("class_embed",),) if config.init.reset_class_head else ()
     if model.masks and "mask_head" not in loaded["params"]:   # a box model under a new mask head
       keep_fresh += tuple((name,) for name in segmentation.MODULE_NAMES)
@@ -238,14 +249,19 @@ def _run_record(config, step: int) -> dict:
 
 
 def _check_resumable(saved: dict, config, workdir: str):
+  expected = _run_record(config, 0)
   for key in ("global_batch_size", "seed", "train_mask_head_only"):
-    expected = _run_record(config, 0)[key]
-    if saved[key] != expected:
-      raise ValueError(f"{workdir} was trained with {key}={saved[key]}; resuming with {expected} would not "
+    if saved[key] != expected[key]:
+      raise ValueError(f"{workdir} was trained with {key}={saved[key]}; resuming with {expected[key]} would not "
                        "continue the same run. Use a new workdir or the original setting.")
 
 
 def checkpoint_manager(workdir: str, config=None) -> ocp.CheckpointManager:
+  """The orbax manager of workdir/checkpoints: items "state" (TrainState) and "run" (`_run_record`).
+
+  With `config`, saves every `checkpoint_every_steps` and keeps `checkpoints_to_keep`; without,
+  it is for reading.
+  """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.checkpoints_to_keep if config else None,
       save_interval_steps=config.checkpoint_every_steps if config else 1,
@@ -337,6 +353,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       mask_loss_coef=config.loss.mask_loss_coef, dice_loss_coef=config.loss.dice_loss_coef)
   metrics_class = metric_collection(config.model.num_decoder_layers if config.model.aux_loss else 1, model.masks)
   train_step = make_train_step(model, criterion, tx, mesh, metrics_class, config.optimizer.train_mask_head_only)
+  # Box evaluation reads the COCO annotation json, which only folder sources have.
+  evaluates = bool(config.data.eval_split) and config.data.source in ("coco_folder", "generated")
   predict_fn = evaluation.make_predict_fn(model)
   schedules = optim.learning_rate_schedules(config.optimizer, steps_per_epoch)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -372,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         scalars["images_per_sec"] = (step - last_log_step) * config.batch_size / (now - last_log_time)
         writer.write_scalars(step, scalars)
         accumulated, last_log_time, last_log_step = None, now, step
-      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < num_steps:
+      if evaluates and config.eval_every_steps and step % config.eval_every_steps == 0 and step < num_steps:
         _evaluate(config, model, state, directory, options, mesh, predict_fn, writer, step,
                   os.path.join(workdir, f"eval_{step}"))
       saved = save(step, force=step == num_steps)
@@ -386,7 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     preemption.close()
     manager.close()
     writer.flush()
-  if config.data.eval_split and config.data.source in ("coco_folder", "generated"):
+  if evaluates:
     _evaluate(config, model, state, directory, options, mesh, predict_fn, writer, num_steps,
               os.path.join(workdir, f"eval_{num_steps}"))
     writer.flush()

@@ -99,6 +99,11 @@ def image_problem(path: str):
   return "not a JPEG or PNG file"
 
 
+def annotation_path(data_dir: str, split: str) -> str:
+  """The instances json of a COCO-format split: `data_dir/annotations/instances_{split}.json`."""
+  return os.path.join(data_dir, "annotations", f"instances_{split}.json")
+
+
 def load_coco_folder(data_dir: str, split: str = "val2017", keep_empty: bool = True) -> CocoRecords:
   """Reads and validates a COCO-format split.
 
@@ -114,7 +119,7 @@ def load_coco_folder(data_dir: str, split: str = "val2017", keep_empty: bool = T
   """
   if not os.path.isdir(data_dir):
     raise DatasetError(f"Dataset folder {data_dir!r} does not exist.")
-  ann_path = os.path.join(data_dir, "annotations", f"instances_{split}.json")
+  ann_path = annotation_path(data_dir, split)
   image_dir = os.path.join(data_dir, split)
   if not os.path.isfile(ann_path):
     raise DatasetError(f"Annotation file {ann_path} does not exist.")

@@ -113,6 +113,20 @@ def rgb_to_id(rgb):
   return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
+def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+  """[...] segment ids -> [..., 3] uint8 PNG pixels (panopticapi's `id2rgb`, inverse of rgb_to_id)."""
+  ids = ids.astype(np.int64)
+  return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
+
+
+def read_segment_ids(png_path):
+  """A panoptic PNG (path string or string tensor) -> [H, W] int32 segment ids, as a TF tensor.
+
+  Works eagerly (`.numpy()` for numpy) and inside tf.data maps.
+  """
+  return rgb_to_id(tf.cast(tf.io.decode_png(tf.io.read_file(png_path), channels=3), tf.int32))
+
+
 def masks_to_boxes(masks):
   """[N, H, W] bool -> [N, 4] float32 xyxy: min and max pixel index (official `masks_to_boxes`)."""
   def extent(axis_any, size):

@@ -12,6 +12,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from detr_jax.data import coco
+
 CATEGORIES = (("red", (220, 40, 40)), ("green", (40, 190, 60)), ("blue", (40, 70, 220)), ("yellow", (230, 210, 40)))
 
 
@@ -61,7 +63,7 @@ def write_coco_folder(directory: str, splits=(("train", 64), ("val", 16)), seed:
       image_id += 1
       annotation_id += len(image_annotations)
     categories = [{"id": i + 1, "name": name, "supercategory": "rectangle"} for i, (name, _) in enumerate(CATEGORIES)]
-    with open(os.path.join(directory, "annotations", f"instances_{split}.json"), "w") as f:
+    with open(coco.annotation_path(directory, split), "w") as f:
       json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
   with open(marker, "w") as f:
     json.dump(settings, f)

@@ -96,8 +96,7 @@ def panoptic_examples(records: coco_panoptic.PanopticRecords):
   labels = tf.RaggedTensor.from_row_lengths(records.labels, records.row_lengths)
 
   def example(index):
-    ids = coco_panoptic.rgb_to_id(tf.cast(tf.io.decode_png(tf.io.read_file(png_paths[index]), channels=3), tf.int32))
-    masks = tf.equal(ids[None], segment_ids[index][:, None, None])
+    masks = tf.equal(coco_panoptic.read_segment_ids(png_paths[index])[None], segment_ids[index][:, None, None])
     return {"image": decode_image(paths[index]), "masks": masks, "boxes": coco_panoptic.masks_to_boxes(masks),
             "labels": labels[index], "image_id": image_ids[index], "orig_size": sizes[index]}
 
