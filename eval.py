@@ -1,4 +1,4 @@
-r"""COCO box evaluation of a DETR checkpoint: jit-compiled inference over the mesh, pycocotools AP.
+r"""COCO evaluation of a DETR checkpoint: jit-compiled inference over the mesh, pycocotools AP, PQ.
 
 Usage:
   python eval.py --config configs/detr_r50.py --checkpoint CKPT --data_dir DIR \
@@ -8,7 +8,11 @@ CKPT is a train.py workdir (its latest checkpoint), an orbax directory written b
 `python -m detr_jax.porting import`, or a PyTorch `.pth` / `.safetensors` file (official or
 Hugging Face), ported on the fly. The model's architecture comes from the checkpoint; the config
 gives the data settings (scale, padding), the eval batch size and, for `.pth` files, DC5.
-Prints the metrics table; OUT gets metrics.json and detections.json (COCO results format).
+Box AP always; mask AP too for a panoptic (mask) model. With a panoptic config
+(`data.source="coco_panoptic"`, e.g. configs/detr_r50_panoptic.py) the images of
+`annotations/panoptic_{split}.json` are evaluated, adding PQ, SQ and RQ (all, things, stuff).
+Prints the metrics table; OUT gets metrics.json, detections.json (COCO results format), for mask
+models segmentations.json (RLE masks) and for panoptic configs panoptic.json + panoptic/*.png.
 """
 
 
@@ -44,7 +48,8 @@ def main(argv):
   split = _SPLIT.value or config.data.eval_split
   metrics = evaluation.evaluate(model, variables, data_dir, split, config.eval_batch_size,
                                 pipeline.PipelineOptions.from_config(config.data), mesh,
-                                output_dir=_OUTPUT_DIR.value, max_images=_MAX_IMAGES.value)
+                                output_dir=_OUTPUT_DIR.value, max_images=_MAX_IMAGES.value,
+                                panoptic=config.data.source == "coco_panoptic")
   print(f"{porting.describe(porting.model_config(model))} on {data_dir}/{split} ({metrics['num_images']} images):")
   print(evaluation.metrics_table(metrics))
 

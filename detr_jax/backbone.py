@@ -185,12 +185,13 @@ def downsample_mask(mask: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
 
 def legacy_nearest_resize(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
   """PyTorch's `F.interpolate(mode="nearest")` on axes 1 and 2 of [B, H, W, ...] -> [B, h, w, ...]."""
-  rows = _legacy_nearest_indices(x.shape[1], size[0])
-  cols = _legacy_nearest_indices(x.shape[2], size[1])
+  rows = legacy_nearest_indices(x.shape[1], size[0])
+  cols = legacy_nearest_indices(x.shape[2], size[1])
   return x[:, rows][:, :, cols]
 
 
-def _legacy_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+def legacy_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source index of each output position of PyTorch's nearest interpolation: floor(dst * in / out), float32."""
   scale = np.float32(in_size) / np.float32(out_size)
   indices = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
   return np.minimum(indices, in_size - 1)

@@ -1,67 +1,108 @@
-"""COCO box evaluation: jit-compiled inference over the mesh, official post-processing, pycocotools.
+"""COCO evaluation: jit-compiled inference over the mesh, official post-processing, pycocotools, PQ.
 
-The flow follows the official `engine.evaluate` with `PostProcess` and `CocoEvaluator`: every
-object query becomes a detection (no threshold, no NMS), boxes go to absolute xywh of the
-original image, and pycocotools' COCOeval("bbox") scores them. Used by eval.py and by the
-evaluation during training.
+The flow follows the official `engine.evaluate`:
+- every object query becomes a detection (`PostProcess`: no threshold, no NMS), boxes in absolute
+  xywh of the original image, scored by pycocotools' COCOeval("bbox");
+- a mask model's detections also get binary masks (`PostProcessSegm`), RLE-encoded and scored by
+  COCOeval("segm") as mask AP;
+- on a COCO panoptic split, `PostProcessPanoptic` turns each image into segments (PNG + json in
+  the COCO panoptic format) scored with PQ, SQ and RQ (`panoptic_quality`). As in the official
+  code, box and mask AP are then measured on the same images against the split's instances json.
+Each process post-processes the images it holds; results are gathered on every process. Used by
+eval.py and by the evaluation during training.
 """
 
+import collections
 import contextlib
 import io
 import json
+import logging
 import os
 from typing import Optional
 
 import jax
 import numpy as np
+import tensorflow as tf
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from detr_jax import detr, postprocess
-from detr_jax.data import coco, pipeline
+from detr_jax import detr, panoptic_quality, postprocess
+from detr_jax.data import coco, coco_panoptic, pipeline
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR@1", "AR@10", "AR@100", "AR_S", "AR_M", "AR_L")
+MASK_METRIC_NAMES = tuple(f"mask_{name}" for name in METRIC_NAMES)
+PANOPTIC_METRIC_NAMES = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
+_PANOPTIC_GROUPS = (("All", ""), ("Things", "_th"), ("Stuff", "_st"))
 
 
-def make_predict_fn(model: detr.DETR):
-  """jit(variables, batch) -> (scores [B, Q], labels [B, Q], boxes [B, Q, 4] xyxy original pixels).
+def make_predict_fn(model: detr.DETR, masks: bool = False, panoptic: bool = False):
+  """jit(variables, batch) -> per-image predictions, sharded like the batch.
 
-  The batch arrives sharded over the mesh's data axis and the variables replicated, so XLA
-  runs each device's images where they are.
+  Always "scores" [B, Q] float32, "labels" [B, Q] int32 (COCO category ids) and "boxes" [B, Q, 4]
+  xyxy in original-image pixels (`postprocess.detections`). With `masks`, also "masks" [B, Q, H, W]
+  bool (`postprocess.instance_masks`; H, W the padded input size). With `panoptic`, also the raw
+  "pred_logits" [B, Q, K + 1] and "pred_masks" [B, Q, H/4, W/4] for `postprocess.panoptic`.
+  The variables are replicated, so XLA runs each device's images where they are.
   """
   def predict(variables, batch):
     outputs = model.apply(variables, batch["image"], batch["pixel_mask"])
-    return postprocess.detections(outputs, batch["orig_size"])
+    scores, labels, boxes = postprocess.detections(outputs, batch["orig_size"])
+    predictions = {"scores": scores, "labels": labels, "boxes": boxes}
+    if masks:
+      predictions["masks"] = postprocess.instance_masks(outputs["pred_masks"], batch["size"], batch["image"].shape[1:3])
+    if panoptic:
+      predictions.update(pred_logits=outputs["pred_logits"], pred_masks=outputs["pred_masks"])
+    return predictions
 
   return jax.jit(predict)
 
 
-def predict_detections(predict_fn, variables, dataset, mesh: Mesh, batch_axis: str = "data") -> list[dict]:
-  """Runs `predict_fn` over an eval dataset; returns COCO results of all processes' images.
-
-  Every process gets the full list (gathered across processes); padding examples are dropped.
-  Each result is {"image_id", "category_id", "bbox" [x, y, w, h] pixels, "score"}.
-  """
-  sharding = NamedSharding(mesh, PartitionSpec(batch_axis))
-  results = []
-  for batch in pipeline.prefetch_to_mesh(dataset, sharding):
-    scores, labels, boxes = predict_fn(variables, batch)
-    gathered = multihost_utils.process_allgather(
-        {"scores": scores, "labels": labels, "boxes": boxes, "image_id": batch["image_id"],
-         "example_mask": batch["example_mask"]}, tiled=True)
-    xywh = gathered["boxes"].copy()
-    xywh[..., 2:] -= xywh[..., :2]
-    for i in np.flatnonzero(gathered["example_mask"]):
-      image_id = int(gathered["image_id"][i])
-      results.extend({"image_id": image_id, "category_id": int(label), "bbox": [float(v) for v in box],
-                      "score": float(score)}
-                     for score, label, box in zip(gathered["scores"][i], gathered["labels"][i], xywh[i]))
-  return results
+def _local_images(predict_fn, variables, dataset, mesh: Mesh, batch_axis: str = "data"):
+  """Yields (predictions, image_id, processed size, original size) per real image of this process, in numpy."""
+  spec = PartitionSpec(batch_axis)
+  for batch in pipeline.prefetch_to_mesh(dataset, NamedSharding(mesh, spec)):
+    predictions = predict_fn(variables, batch)
+    image_info = {k: batch[k] for k in ("image_id", "size", "orig_size", "example_mask")}
+    local, info = jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(
+        (predictions, image_info), mesh, spec))
+    for i in np.flatnonzero(info["example_mask"]):
+      yield {k: v[i] for k, v in local.items()}, int(info["image_id"][i]), info["size"][i], info["orig_size"][i]
 
 
-def coco_metrics(annotation_path: str, results: list[dict], image_ids) -> dict:
-  """pycocotools COCOeval("bbox") of `results` on `image_ids`; returns METRIC_NAMES -> value.
+def _detection_results(prediction: dict, image_id: int) -> list[dict]:
+  """COCO results {"image_id", "category_id", "bbox" [x, y, w, h] pixels, "score"}, one per query."""
+  xywh = prediction["boxes"].astype(np.float64)
+  xywh[:, 2:] -= xywh[:, :2]
+  return [{"image_id": image_id, "category_id": int(label), "bbox": [float(v) for v in box], "score": float(score)}
+          for score, label, box in zip(prediction["scores"], prediction["labels"], xywh)]
 
+
+def _segmentation_results(prediction: dict, image_id: int, processed_size, original_size) -> list[dict]:
+  """COCO results with "segmentation" (RLE of the original-size mask), one per query (official CocoEvaluator)."""
+  from pycocotools import mask as mask_utils
+  masks = postprocess.original_instance_masks(prediction["masks"], processed_size, original_size)
+  rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+  return [{"image_id": image_id, "category_id": int(label), "score": float(score),
+           "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}}
+          for score, label, rle in zip(prediction["scores"], prediction["labels"], rles)]
+
+
+def _allgather_json(items: list) -> list:
+  """Concatenates every process's JSON-serialisable list, in process order, on every process."""
+  if jax.process_count() == 1:
+    return items
+  data = np.frombuffer(json.dumps(items).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(data)] = data
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return [item for row, length in zip(gathered, lengths) for item in json.loads(row[:length].tobytes())]
+
+
+def coco_metrics(annotation_path: str, results: list[dict], image_ids, iou_type: str = "bbox") -> dict:
+  """pycocotools COCOeval(iou_type) of `results` on `image_ids`; returns METRIC_NAMES -> value.
+
+  iou_type: "bbox" (results carry "bbox") or "segm" (results carry an RLE "segmentation").
   Raises:
     ValueError: `results` is empty.
   """
@@ -72,7 +113,7 @@ def coco_metrics(annotation_path: str, results: list[dict], image_ids) -> dict:
   with contextlib.redirect_stdout(io.StringIO()):
     ground_truth = COCO(annotation_path)
     # loadRes adds fields (area, segmentation, id) to the dicts it is given.
-    evaluator = COCOeval(ground_truth, ground_truth.loadRes([dict(r) for r in results]), "bbox")
+    evaluator = COCOeval(ground_truth, ground_truth.loadRes([dict(r) for r in results]), iou_type)
     evaluator.params.imgIds = sorted(int(i) for i in image_ids)
     evaluator.evaluate()
     evaluator.accumulate()
@@ -81,47 +122,124 @@ def coco_metrics(annotation_path: str, results: list[dict], image_ids) -> dict:
 
 
 def metrics_table(metrics: dict) -> str:
-  """METRIC_NAMES -> value as a two-line text table (names over values, 4 decimals)."""
-  names = [n for n in METRIC_NAMES if n in metrics]
-  widths = [max(len(n), 6) for n in names]
-  header = " | ".join(n.rjust(w) for n, w in zip(names, widths))
-  values = " | ".join(f"{metrics[n]:.4f}".rjust(w) for n, w in zip(names, widths))
-  return f"{header}\n{'-' * len(header)}\n{values}"
+  """Box, mask and panoptic metrics (those present) as text: per group, names over values (4 decimals)."""
+  blocks = []
+  for title, group in (("bbox", METRIC_NAMES), ("segm", MASK_METRIC_NAMES), ("panoptic", PANOPTIC_METRIC_NAMES)):
+    names = [n for n in group if n in metrics]
+    if not names:
+      continue
+    widths = [max(len(n), 6) for n in names]
+    header = " | ".join(n.rjust(w) for n, w in zip(names, widths))
+    values = " | ".join(f"{metrics[n]:.4f}".rjust(w) for n, w in zip(names, widths))
+    blocks.append(f"{title}:\n{header}\n{'-' * len(header)}\n{values}")
+  return "\n".join(blocks)
+
+
+class _PanopticScorer:
+  """Post-processes this process's images into COCO panoptic segments and accumulates PQ statistics."""
+
+  def __init__(self, data_dir: str, split: str, records: coco_panoptic.PanopticRecords, png_dir: Optional[str]):
+    with open(coco_panoptic.annotation_path(data_dir, split)) as f:
+      self.gt_segments = {a["image_id"]: a["segments_info"] for a in json.load(f)["annotations"]}
+    self.gt_pngs = dict(zip(records.image_ids.tolist(), records.png_paths.tolist()))
+    self.categories, self.thing_ids = records.categories, records.thing_ids
+    self.png_dir = png_dir
+    self.stats = collections.defaultdict(panoptic_quality.CategoryStat)
+    self.annotations = []
+
+  def add(self, prediction: dict, image_id: int, processed_size, original_size) -> None:
+    segment_ids, segments = postprocess.panoptic(prediction["pred_logits"], prediction["pred_masks"],
+                                                 tuple(processed_size), tuple(original_size), self.thing_ids)
+    gt_ids = coco_panoptic.read_segment_ids(self.gt_pngs[image_id]).numpy()
+    panoptic_quality.accumulate(self.stats, gt_ids, self.gt_segments[image_id], segment_ids, segments, image_id)
+    file_name = f"{image_id:012d}.png"
+    if self.png_dir:
+      tf.io.write_file(os.path.join(self.png_dir, file_name), tf.io.encode_png(coco_panoptic.id_to_rgb(segment_ids)))
+    self.annotations.append({"image_id": image_id, "file_name": file_name, "segments_info": segments})
+
+  def metrics(self) -> dict:
+    """PANOPTIC_METRIC_NAMES -> value over all processes' images."""
+    stats = collections.defaultdict(panoptic_quality.CategoryStat)
+    local = [[c, s.iou, s.tp, s.fp, s.fn] for c, s in self.stats.items()]
+    for category, iou, tp, fp, fn in _allgather_json(local):
+      stat = stats[category]
+      stat.iou, stat.tp, stat.fp, stat.fn = stat.iou + iou, stat.tp + tp, stat.fp + fp, stat.fn + fn
+    summary = panoptic_quality.summarize(stats, self.categories)
+    return {f"{name}{suffix}": summary[group][name.lower()]
+            for group, suffix in _PANOPTIC_GROUPS for name in ("PQ", "SQ", "RQ")}
 
 
 def evaluate(model: detr.DETR, variables, data_dir: str, split: str, batch_size: int,
              options: pipeline.PipelineOptions, mesh: Mesh, output_dir: Optional[str] = None,
-             max_images: Optional[int] = None, predict_fn=None) -> dict:
-  """COCO box metrics of `model` on a COCO folder's split.
+             max_images: Optional[int] = None, predict_fn=None, panoptic: bool = False) -> dict:
+  """COCO metrics of `model` on a COCO folder's split: box AP, mask AP for mask models, PQ if `panoptic`.
 
   Args:
-    data_dir, split: `annotations/instances_{split}.json` and `{split}/` under data_dir.
+    data_dir, split: `annotations/instances_{split}.json` and `{split}/` under data_dir; with
+      `panoptic`, also `annotations/panoptic_{split}.json` and its PNG folder, whose images are
+      the ones evaluated (box and mask AP are then skipped, with a log line, if the instances
+      json is absent).
     batch_size: images per step over all processes (a multiple of the mesh's device count).
       Padding is part of the input (as in the official code), so scores vary with it slightly.
     options: resize and padding options (scale, pad_multiple or fixed_size).
-    output_dir: where process 0 writes detections.json (COCO results) and metrics.json.
+    output_dir: where process 0 writes metrics.json, detections.json (COCO results), for mask
+      models segmentations.json (COCO results with RLE masks) and, with `panoptic`, panoptic.json
+      with the PNGs in panoptic/ (COCO panoptic format; every process writes its own PNGs).
     max_images: evaluate only the first N images by id.
-    predict_fn: a `make_predict_fn(model)`, to reuse its compiled programs across calls.
+    predict_fn: a `make_predict_fn(...)`, to reuse its compiled programs across calls.
   Returns:
-    METRIC_NAMES -> value (with "num_images"), the same on every process.
+    METRIC_NAMES (and MASK_METRIC_NAMES, PANOPTIC_METRIC_NAMES) -> value, with "num_images",
+    the same on every process.
   Raises:
-    coco.DatasetError: the folder or annotation file is missing or invalid.
+    coco.DatasetError: the folder or an annotation file is missing or invalid.
     ValueError: batch_size is not a multiple of the process count.
   """
   if batch_size % jax.process_count():
     raise ValueError(f"Eval batch size {batch_size} is not a multiple of the {jax.process_count()} processes.")
-  records = coco.load_coco_folder(data_dir, split, keep_empty=True)
-  dataset = pipeline.eval_dataset(records, batch_size // jax.process_count(), options, max_images=max_images)
-  predict_fn = predict_fn or make_predict_fn(model)
-  replicated = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
-  results = predict_detections(predict_fn, replicated, dataset, mesh)
+  instances_path = coco.annotation_path(data_dir, split)
+  if panoptic:
+    records = coco_panoptic.load_panoptic_folder(data_dir, split)
+    score_ap = os.path.isfile(instances_path)
+    if not score_ap:
+      logging.warning("%s does not exist: box and mask AP are skipped, only PQ is measured.", instances_path)
+  else:
+    records, score_ap = coco.load_coco_folder(data_dir, split, keep_empty=True), True
   image_ids = records.image_ids[:max_images] if max_images else records.image_ids
-  metrics = coco_metrics(coco.annotation_path(data_dir, split), results, image_ids)
+  dataset = pipeline.eval_dataset(records, batch_size // jax.process_count(), options, max_images=max_images)
+  predict_fn = predict_fn or make_predict_fn(model, masks=model.masks and score_ap, panoptic=panoptic)
+  png_dir = os.path.join(output_dir, "panoptic") if output_dir and panoptic else None
+  if png_dir:
+    os.makedirs(png_dir, exist_ok=True)
+  scorer = _PanopticScorer(data_dir, split, records, png_dir) if panoptic else None
+
+  detections, segmentations = [], []
+  replicated = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+  for prediction, image_id, processed_size, original_size in _local_images(predict_fn, replicated, dataset, mesh):
+    detections.extend(_detection_results(prediction, image_id))
+    if "masks" in prediction:
+      segmentations.extend(_segmentation_results(prediction, image_id, processed_size, original_size))
+    if scorer:
+      scorer.add(prediction, image_id, processed_size, original_size)
+  detections, segmentations = _allgather_json(detections), _allgather_json(segmentations)
+
+  metrics = {}
+  if score_ap:
+    metrics.update(coco_metrics(instances_path, detections, image_ids, "bbox"))
+    if segmentations:
+      segm = coco_metrics(instances_path, segmentations, image_ids, "segm")
+      metrics.update({f"mask_{name}": value for name, value in segm.items()})
+  if scorer:
+    metrics.update(scorer.metrics())
   metrics["num_images"] = len(image_ids)
-  if output_dir and jax.process_index() == 0:
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "detections.json"), "w") as f:
-      json.dump(results, f)
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-      json.dump(metrics, f, indent=2)
+  if output_dir:
+    files = {"detections.json": detections, "metrics.json": metrics}
+    if segmentations:
+      files["segmentations.json"] = segmentations
+    if scorer:
+      files["panoptic.json"] = {"annotations": _allgather_json(scorer.annotations)}
+    if jax.process_index() == 0:
+      os.makedirs(output_dir, exist_ok=True)
+      for name, content in files.items():
+        with open(os.path.join(output_dir, name), "w") as f:
+          json.dump(content, f, indent=2 if name == "metrics.json" else None)
   return metrics

@@ -1,5 +1,6 @@
-"""Post-processing: detections for COCO box evaluation (official `PostProcess`, models/detr.py)
-and panoptic segments (official `PostProcessPanoptic`, models/segmentation.py)."""
+"""Post-processing: detections for COCO box evaluation (official `PostProcess`, models/detr.py),
+their instance masks (`PostProcessSegm`) and panoptic segments (`PostProcessPanoptic`,
+models/segmentation.py)."""
 
 import collections
 
@@ -7,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detr_jax import box_ops
+from detr_jax import backbone, box_ops
 
 
 def detections(outputs, original_sizes):
@@ -27,6 +28,37 @@ def detections(outputs, original_sizes):
   height, width = original_sizes[:, 0], original_sizes[:, 1]
   scale = jnp.stack([width, height, width, height], axis=-1).astype(jnp.float32)[:, None, :]
   return scores, labels, box_ops.cxcywh_to_xyxy(outputs["pred_boxes"]) * scale
+
+
+def instance_masks(pred_masks, processed_sizes, padded_size):
+  """Device half of the official `PostProcessSegm`: mask logits to binary masks at input resolution.
+
+  As in the official code, each [h, w] logit map (1/4 of the padded input) is resized bilinearly
+  (align_corners=False) to the largest processed size of the batch, then thresholded at
+  sigmoid > 0.5. Shapes stay static under jit: the result is placed on a `padded_size` canvas
+  whose pixels beyond that largest size are meaningless; `original_instance_masks` crops them.
+
+  Args:
+    pred_masks: [B, Q, h, w] mask logits.
+    processed_sizes: [B, 2] int (height, width) in pixels of the resized, unpadded inputs.
+    padded_size: (H, W) of the padded input, at least the largest processed size.
+  Returns:
+    [B, Q, H, W] bool.
+  """
+  batch, queries, height, width = pred_masks.shape
+  scale = processed_sizes.max(axis=0).astype(jnp.float32) / jnp.array([height, width], jnp.float32)
+  resized = jax.image.scale_and_translate(pred_masks.astype(jnp.float32), (batch, queries, *padded_size), (2, 3),
+                                          scale, jnp.zeros(2, jnp.float32), "linear", antialias=False)
+  return jax.nn.sigmoid(resized) > 0.5
+
+
+def original_instance_masks(masks: np.ndarray, processed_size, original_size) -> np.ndarray:
+  """Host half of `PostProcessSegm`: one image's [Q, H, W] bool masks from `instance_masks`, cropped
+  to its processed (height, width) and resized to its original (height, width) with PyTorch's
+  nearest interpolation -> [Q, *original_size] bool."""
+  rows = backbone.legacy_nearest_indices(int(processed_size[0]), int(original_size[0]))
+  cols = backbone.legacy_nearest_indices(int(processed_size[1]), int(original_size[1]))
+  return masks[:, rows][:, :, cols]
 
 
 def _bilinear_resize(masks: np.ndarray, size) -> np.ndarray:

@@ -297,7 +297,7 @@ def restore_variables(workdir: str, mesh: Optional[Mesh] = None, step: Optional[
 def _evaluate(config, model, state, directory, options, mesh, predict_fn, writer, step, output_dir):
   metrics = evaluation.evaluate(model, state.variables, directory, config.data.eval_split, config.eval_batch_size,
                                 options, mesh, output_dir=output_dir, max_images=config.eval_max_images or None,
-                                predict_fn=predict_fn)
+                                predict_fn=predict_fn, panoptic=config.data.source == "coco_panoptic")
   writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
   logging.info("Evaluation at step %d on %s/%s (%d images):\n%s", step, directory, config.data.eval_split,
                metrics["num_images"], evaluation.metrics_table(metrics))
@@ -353,9 +353,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       mask_loss_coef=config.loss.mask_loss_coef, dice_loss_coef=config.loss.dice_loss_coef)
   metrics_class = metric_collection(config.model.num_decoder_layers if config.model.aux_loss else 1, model.masks)
   train_step = make_train_step(model, criterion, tx, mesh, metrics_class, config.optimizer.train_mask_head_only)
-  # Box evaluation reads the COCO annotation json, which only folder sources have.
-  evaluates = bool(config.data.eval_split) and config.data.source in ("coco_folder", "generated")
-  predict_fn = evaluation.make_predict_fn(model)
+  # Evaluation reads the COCO annotation json, which only folder sources have.
+  evaluates = bool(config.data.eval_split) and config.data.source in ("coco_folder", "generated", "coco_panoptic")
+  predict_fn = evaluation.make_predict_fn(model, masks=model.masks, panoptic=config.data.source == "coco_panoptic")
   schedules = optim.learning_rate_schedules(config.optimizer, steps_per_epoch)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                                     every_steps=config.log_every_steps)

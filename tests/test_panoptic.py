@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from detr_jax import panoptic_quality, postprocess
+from detr_jax import backbone, panoptic_quality, postprocess
 from detr_jax.data import coco_panoptic
 from tests.conftest import require_shared_file
 
@@ -126,3 +126,43 @@ def test_panoptic_png_round_trip(tmp_path):
   assert ids.shape == (120, 150) and len(segments) > 5
   assert all(s["area"] == int((decoded == s["id"]).sum()) > 4 for s in segments)
   assert set(np.unique(decoded)) <= {s["id"] for s in segments}
+
+
+def _official_postprocess_segm(pred_masks, processed_sizes, original_sizes):
+  """The official PostProcessSegm (models/segmentation.py), written with torch ops as the reference."""
+  import torch
+  import torch.nn.functional as F
+  max_h, max_w = processed_sizes.max(0)[0].tolist()
+  masks = F.interpolate(pred_masks, size=(max_h, max_w), mode="bilinear", align_corners=False)
+  masks = (masks.sigmoid() > 0.5).cpu()
+  results = []
+  for mask, (img_h, img_w), original in zip(masks, processed_sizes.tolist(), original_sizes):
+    cropped = mask[:, :img_h, :img_w].unsqueeze(1)
+    results.append(F.interpolate(cropped.float(), size=tuple(original.tolist()), mode="nearest").byte()[:, 0].numpy())
+  return results, F.interpolate(pred_masks, size=(max_h, max_w), mode="bilinear", align_corners=False)
+
+
+def test_instance_masks_match_the_official_postprocess_segm():
+  """Two images of different processed sizes, padded beyond both; masks at 1/4 of the padded input.
+
+  Tolerance: our bilinear weights come from jax.image.scale_and_translate and differ from
+  torch's by float32 rounding (~1e-5), so a pixel may flip only where the interpolated logit
+  is that close to 0. Every flipped pixel must be one of those.
+  """
+  import torch
+  rng = np.random.default_rng(0)
+  padded_size, pred_masks = (192, 256), rng.normal(0, 2, (2, 7, 48, 64)).astype(np.float32)
+  processed = np.array([[160, 213], [150, 224]], np.int32)
+  original = np.array([[480, 640], [427, 640]], np.int32)
+  expected, logits = _official_postprocess_segm(torch.tensor(pred_masks), torch.tensor(processed), original)
+  ours = np.asarray(postprocess.instance_masks(pred_masks, processed, padded_size))
+  for i in range(2):
+    result = postprocess.original_instance_masks(ours[i], processed[i], original[i])
+    assert result.shape == expected[i].shape == (7, *original[i])
+    flipped = result != expected[i].astype(bool)
+    if flipped.any():
+      rows = backbone.legacy_nearest_indices(int(processed[i][0]), int(original[i][0]))
+      cols = backbone.legacy_nearest_indices(int(processed[i][1]), int(original[i][1]))
+      near_zero = np.abs(logits[i].numpy()[:, rows][:, :, cols]) < 1e-4
+      assert near_zero[flipped].all()
+    assert flipped.mean() < 1e-5

@@ -53,6 +53,11 @@ class PanopticRecords:
     return {i for i, c in self.categories.items() if c["isthing"]}
 
 
+def annotation_path(data_dir: str, split: str) -> str:
+  """The panoptic json of a split: `data_dir/annotations/panoptic_{split}.json`."""
+  return os.path.join(data_dir, "annotations", f"panoptic_{split}.json")
+
+
 def load_panoptic_folder(data_dir: str, split: str = "train2017") -> PanopticRecords:
   """Reads and validates a COCO panoptic split.
 
@@ -61,7 +66,7 @@ def load_panoptic_folder(data_dir: str, split: str = "train2017") -> PanopticRec
       unreadable or lists no annotations or categories.
   Images or PNGs that are missing, empty or not images are skipped and counted by file name.
   """
-  ann_path = os.path.join(data_dir, "annotations", f"panoptic_{split}.json")
+  ann_path = annotation_path(data_dir, split)
   png_dir = os.path.join(data_dir, "annotations", f"panoptic_{split}")
   image_dir = os.path.join(data_dir, split)
   for path, isdir in ((ann_path, False), (png_dir, True), (image_dir, True)):
