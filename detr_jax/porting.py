@@ -7,6 +7,8 @@ Sources accepted by `load_pytorch_checkpoint`:
     layout (timm backbone names, `self_attn.out_proj`, `fc1`) and in the layout of the installed
     transformers (HF ResNet backbone names, `o_proj`, `mlp.fc1`).
 `load_torchvision_backbone` takes a torchvision ResNet ImageNet checkpoint to initialise training.
+Exports: the official layout (`to_pytorch_state_dict`, `save_pytorch_checkpoint`) and the installed
+transformers' layout (`to_hf_state_dict`, `save_hf_pretrained`: a `from_pretrained` directory).
 
 Every Flax leaf has exactly one official key (`official_key`); loading is strict: every source
 key must be used and every Flax leaf filled, or `CheckpointMismatchError` lists what is wrong
@@ -15,6 +17,7 @@ and nothing is returned or written.
 CLI:
   python -m detr_jax.porting import SRC.pth OUT_DIR [--dilation]   # writes an orbax checkpoint
   python -m detr_jax.porting export OUT_DIR DST.pth                 # official layout for torch (OUT_DIR may be a train.py workdir)
+  python -m detr_jax.porting export OUT_DIR HF_DIR --hf             # transformers' DetrForObjectDetection / DetrForSegmentation
 """
 
 import argparse
@@ -350,6 +353,78 @@ def to_pytorch_state_dict(variables) -> dict[str, np.ndarray]:
           for path, value in flat.items()}
 
 
+def to_hf_state_dict(variables, hf_keys) -> dict[str, np.ndarray]:
+  """Exports {"params", "batch_stats"} to a Hugging Face DETR layout, key for key.
+
+  `hf_keys` are the keys of the target model's `state_dict()` (see `hf_model`); each is mapped to
+  its official key by the import rules, and fused `in_proj` rows are split into q/k/v. For an
+  imported HF checkpoint the result equals the original exactly.
+  Raises:
+    CheckpointMismatchError: a target key has no source, or a variable has no target.
+  """
+  official = _without_panoptic_prefix(to_pytorch_state_dict(variables))
+  exported, used, missing = {}, set(), []
+  for hf_key in hf_keys:
+    key = hf_key[len(PANOPTIC_PREFIX):] if hf_key.startswith(PANOPTIC_PREFIX) else hf_key
+    for pattern, replacement in _HF_RULES:
+      key = re.sub(pattern, replacement, key)
+    match = re.match(r"^(.*)\.([qkv])_proj\.(weight|bias)$", key)
+    source = f"{match.group(1)}.in_proj_{match.group(3)}" if match else key
+    if source not in official:
+      missing.append(f"{hf_key} (official {source})")
+      continue
+    value = official[source]
+    if match:
+      width, row = value.shape[0] // 3, "qkv".index(match.group(2))
+      value = value[row * width:(row + 1) * width]
+    exported[hf_key] = value
+    used.add(source)
+  unused = sorted(set(official) - used)
+  if missing or unused:
+    raise CheckpointMismatchError("The model does not fit the Hugging Face layout.\n"
+                                  f"{len(missing)} target keys without a source: {missing}\n"
+                                  f"{len(unused)} variables without a target: {unused}")
+  return exported
+
+
+def hf_model(config: Mapping[str, Any]):
+  """transformers' DetrForObjectDetection (DetrForSegmentation with `masks`) of the architecture
+  `config` (a `model_config` dict), with an HF-ResNet backbone and random weights: the export target.
+
+  Raises:
+    ValueError: DC5 or pre-norm, which transformers' DETR lacks for its own ResNet backbone.
+  """
+  from transformers import DetrConfig, DetrForObjectDetection, DetrForSegmentation, ResNetConfig
+  if config["dilation"] or config["pre_norm"]:
+    raise ValueError(f"{describe(config)}: transformers' DETR has no DC5 or pre-norm with an HF-ResNet backbone.")
+  kind, blocks = backbone_lib.RESNET_LAYOUTS[config["backbone_depth"]]
+  stages = ["stage1", "stage2", "stage3", "stage4"] if config["masks"] else ["stage4"]
+  resnet = ResNetConfig(layer_type=kind, depths=list(blocks), out_features=stages,
+                        hidden_sizes=[w * backbone_lib.EXPANSION[kind] for w in backbone_lib.STAGE_WIDTHS])
+  hf_config = DetrConfig(
+      use_timm_backbone=False, use_pretrained_backbone=False, backbone=None, backbone_config=resnet,
+      num_labels=config["num_classes"], num_queries=config["num_queries"], d_model=config["hidden_dim"],
+      encoder_layers=config["num_encoder_layers"], decoder_layers=config["num_decoder_layers"],
+      encoder_attention_heads=config["num_heads"], decoder_attention_heads=config["num_heads"],
+      encoder_ffn_dim=config["dim_feedforward"], decoder_ffn_dim=config["dim_feedforward"],
+      dropout=config["dropout"], attention_dropout=config["dropout"], activation_dropout=config["dropout"],
+      position_embedding_type=config["position_embedding"], auxiliary_loss=config["aux_loss"])
+  return (DetrForSegmentation if config["masks"] else DetrForObjectDetection)(hf_config)
+
+
+def save_hf_pretrained(model: detr_lib.DETR, variables, directory: str) -> None:
+  """Writes a transformers `from_pretrained` directory (config.json, model.safetensors).
+
+  Raises:
+    ValueError: see `hf_model`. CheckpointMismatchError: see `to_hf_state_dict`.
+  """
+  import torch
+  target = hf_model(model_config(model))
+  state_dict = to_hf_state_dict(variables, target.state_dict().keys())
+  target.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True)
+  target.save_pretrained(directory)
+
+
 # ---------------------------------------------------------------------------------------------
 # Orbax checkpoints of a ported model.
 
@@ -405,9 +480,11 @@ def main(argv=None) -> int:
   import_cmd.add_argument("out_dir")
   import_cmd.add_argument("--dilation", action="store_true", help="the checkpoint is DC5")
   import_cmd.add_argument("--num_heads", type=int, default=8)
-  export_cmd = commands.add_parser("export", help="orbax checkpoint directory or train.py workdir -> official .pth")
+  export_cmd = commands.add_parser("export", help="orbax checkpoint directory or train.py workdir -> official .pth "
+                                                  "(or, with --hf, a transformers from_pretrained directory)")
   export_cmd.add_argument("checkpoint_dir")
   export_cmd.add_argument("destination")
+  export_cmd.add_argument("--hf", action="store_true", help="write transformers' layout (HF-ResNet backbone)")
   args = parser.parse_args(argv)
   try:
     if args.command == "import":
@@ -416,10 +493,13 @@ def main(argv=None) -> int:
       print(f"Imported {describe(model_config(model))} into {args.out_dir}")
     else:
       from detr_jax import training   # training imports this module
-      _, variables = training.load_model(args.checkpoint_dir)
-      save_pytorch_checkpoint(variables, args.destination)
-      print(f"Exported {args.checkpoint_dir} to {args.destination} (official layout)")
-  except (CheckpointMismatchError, FileNotFoundError, FileExistsError) as error:
+      model, variables = training.load_model(args.checkpoint_dir)
+      if args.hf:
+        save_hf_pretrained(model, variables, args.destination)
+      else:
+        save_pytorch_checkpoint(variables, args.destination)
+      print(f"Exported {args.checkpoint_dir} to {args.destination} ({'Hugging Face' if args.hf else 'official'} layout)")
+  except (CheckpointMismatchError, FileNotFoundError, FileExistsError, ValueError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
   return 0

@@ -184,3 +184,41 @@ def test_cli_writes_nothing_on_error(official_shapes, tmp_path, capsys):
   assert not (tmp_path / "out").exists()
   assert porting.main(["import", str(tmp_path / "absent.pth"), str(tmp_path / "out")]) == 1
   assert "No checkpoint file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("depth, segmentation, position", [(50, False, "sine"), (18, True, "learned")])
+def test_hf_export_equals_the_imported_state_dict(depth, segmentation, position):
+  """Import a transformers model, export it back into that model's keys: every tensor is equal."""
+  reference = hf_detr(depth, segmentation=segmentation, num_labels=250 if segmentation else 91, seed=6,
+                      position_embedding_type=position)
+  original = {k: v.numpy() for k, v in reference.state_dict().items()}
+  model, variables = porting.load_pytorch_checkpoint(reference.state_dict())
+  assert sorted(porting.hf_model(porting.model_config(model)).state_dict()) == sorted(original)
+  assert_same_state_dict(porting.to_hf_state_dict(variables, original.keys()), original)
+
+
+def test_hf_export_cli_gives_a_from_pretrained_directory(two_real_images, tmp_path):
+  """orbax checkpoint -> `export --hf` -> DetrForSegmentation.from_pretrained gives the same outputs.
+
+  The weights are exactly equal (test above); the outputs agree to float32 rounding (1e-5), not
+  bitwise, since `from_pretrained` builds the model with its own defaults (differences of ~1e-6).
+  """
+  from transformers import DetrForSegmentation
+  images, mask = two_real_images
+  reference = hf_detr(18, segmentation=True, num_labels=250, seed=7)
+  model, variables = porting.load_pytorch_checkpoint(reference.state_dict())
+  porting.save_checkpoint(str(tmp_path / "ckpt"), model, variables)
+  assert porting.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--hf"]) == 0
+  exported = DetrForSegmentation.from_pretrained(str(tmp_path / "hf")).eval()
+  inputs = dict(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2), pixel_mask=torch.from_numpy(mask).long())
+  with torch.no_grad():
+    expected, actual = reference.eval()(**inputs), exported(**inputs)
+  for name in ("logits", "pred_boxes", "pred_masks"):
+    np.testing.assert_allclose(getattr(actual, name).numpy(), getattr(expected, name).numpy(), atol=1e-5, rtol=0,
+                               err_msg=name)
+
+
+def test_hf_export_refuses_dc5(official_shapes, capsys):
+  model, variables = porting.load_pytorch_checkpoint(random_state_dict(official_shapes["detr-r50"]), dilation=True)
+  with pytest.raises(ValueError, match="no DC5 or pre-norm"):
+    porting.save_hf_pretrained(model, variables, "/nonexistent")
