@@ -164,6 +164,11 @@ class _PanopticScorer:
     for category, iou, tp, fp, fn in _allgather_json(local):
       stat = stats[category]
       stat.iou, stat.tp, stat.fp, stat.fn = stat.iou + iou, stat.tp + tp, stat.fp + fp, stat.fn + fn
+    unknown = {category: stat.fp for category, stat in stats.items() if category not in self.categories}
+    if unknown:
+      # panopticapi raises a KeyError here; a model with spare class slots can predict them.
+      logging.warning("%d predicted segments of categories absent from the ground truth %s are not scored.",
+                      sum(unknown.values()), sorted(unknown))
     summary = panoptic_quality.summarize(stats, self.categories)
     return {f"{name}{suffix}": summary[group][name.lower()]
             for group, suffix in _PANOPTIC_GROUPS for name in ("PQ", "SQ", "RQ")}
