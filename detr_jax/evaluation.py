@@ -176,7 +176,8 @@ class _PanopticScorer:
 
 def evaluate(model: detr.DETR, variables, data_dir: str, split: str, batch_size: int,
              options: pipeline.PipelineOptions, mesh: Mesh, output_dir: Optional[str] = None,
-             max_images: Optional[int] = None, predict_fn=None, panoptic: bool = False) -> dict:
+             max_images: Optional[int] = None, predict_fn=None, panoptic: bool = False,
+             target_masks: bool = False) -> dict:
   """COCO metrics of `model` on a COCO folder's split: box AP, mask AP for mask models, PQ if `panoptic`.
 
   Args:
@@ -192,6 +193,8 @@ def evaluate(model: detr.DETR, variables, data_dir: str, split: str, batch_size:
       with the PNGs in panoptic/ (COCO panoptic format; every process writes its own PNGs).
     max_images: evaluate only the first N images by id.
     predict_fn: a `make_predict_fn(...)`, to reuse its compiled programs across calls.
+    target_masks: keep the ground-truth segment masks ("masks" [B, T, H, W] bool) of panoptic
+      records in the batches, for a `predict_fn` that reads them; evaluation itself does not.
   Returns:
     METRIC_NAMES (and MASK_METRIC_NAMES, PANOPTIC_METRIC_NAMES) -> value, with "num_images",
     the same on every process.
@@ -210,7 +213,8 @@ def evaluate(model: detr.DETR, variables, data_dir: str, split: str, batch_size:
   else:
     records, score_ap = coco.load_coco_folder(data_dir, split, keep_empty=True), True
   image_ids = records.image_ids[:max_images] if max_images else records.image_ids
-  dataset = pipeline.eval_dataset(records, batch_size // jax.process_count(), options, max_images=max_images)
+  dataset = pipeline.eval_dataset(records, batch_size // jax.process_count(), options, max_images=max_images,
+                                  target_masks=target_masks)
   predict_fn = predict_fn or make_predict_fn(model, masks=model.masks and score_ap, panoptic=panoptic)
   png_dir = os.path.join(output_dir, "panoptic") if output_dir and panoptic else None
   if png_dir:

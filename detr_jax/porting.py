@@ -25,7 +25,7 @@ import json
 import os
 import re
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import flax
 import jax
@@ -181,18 +181,28 @@ def hf_to_official(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
   for key, value in state_dict.items():
     if key.endswith("num_batches_tracked"):
       continue
-    for pattern, replacement in _HF_RULES:
-      key = re.sub(pattern, replacement, key)
-    match = re.match(r"^(.*)\.([qkv])_proj\.(weight|bias)$", key)
-    if match:
-      qkv.setdefault((match.group(1), match.group(3)), {})[match.group(2)] = value
+    official, projection = _official_source(key)
+    if projection:
+      qkv.setdefault(official, {})[projection] = value
     else:
-      renamed[key] = value
-  for (prefix, kind), parts in qkv.items():
+      renamed[official] = value
+  for official, parts in qkv.items():
     if set(parts) != {"q", "k", "v"}:
-      raise CheckpointMismatchError(f"{prefix}: found projections {sorted(parts)}, expected q, k and v.")
-    renamed[f"{prefix}.in_proj_{kind}"] = np.concatenate([parts["q"], parts["k"], parts["v"]])
+      raise CheckpointMismatchError(f"{official}: found projections {sorted(parts)}, expected q, k and v.")
+    renamed[official] = np.concatenate([parts["q"], parts["k"], parts["v"]])
   return renamed
+
+
+def _official_source(hf_key: str) -> tuple[str, Optional[str]]:
+  """(official key, projection) of a Hugging Face key (without the `detr.` prefix): for a separate
+  q/k/v projection, the fused `in_proj_weight` / `in_proj_bias` key and "q", "k" or "v"."""
+  key = hf_key
+  for pattern, replacement in _HF_RULES:
+    key = re.sub(pattern, replacement, key)
+  match = re.match(r"^(.*)\.([qkv])_proj\.(weight|bias)$", key)
+  if match:
+    return f"{match.group(1)}.in_proj_{match.group(3)}", match.group(2)
+  return key, None
 
 
 def _without_panoptic_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -365,17 +375,14 @@ def to_hf_state_dict(variables, hf_keys) -> dict[str, np.ndarray]:
   official = _without_panoptic_prefix(to_pytorch_state_dict(variables))
   exported, used, missing = {}, set(), []
   for hf_key in hf_keys:
-    key = hf_key[len(PANOPTIC_PREFIX):] if hf_key.startswith(PANOPTIC_PREFIX) else hf_key
-    for pattern, replacement in _HF_RULES:
-      key = re.sub(pattern, replacement, key)
-    match = re.match(r"^(.*)\.([qkv])_proj\.(weight|bias)$", key)
-    source = f"{match.group(1)}.in_proj_{match.group(3)}" if match else key
+    source, projection = _official_source(hf_key[len(PANOPTIC_PREFIX):] if hf_key.startswith(PANOPTIC_PREFIX)
+                                          else hf_key)
     if source not in official:
       missing.append(f"{hf_key} (official {source})")
       continue
     value = official[source]
-    if match:
-      width, row = value.shape[0] // 3, "qkv".index(match.group(2))
+    if projection:
+      width, row = value.shape[0] // 3, "qkv".index(projection)
       value = value[row * width:(row + 1) * width]
     exported[hf_key] = value
     used.add(source)

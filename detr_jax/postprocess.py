@@ -109,7 +109,7 @@ def panoptic(pred_logits, pred_masks, processed_size, target_size, thing_ids, th
       for group in stuff_groups.values():
         ids[np.isin(ids, group)] = group[0]
     ids = _pil_nearest_resize(ids, tuple(target_size))
-    return ids, [int((ids == i).sum()) for i in range(len(masks))]
+    return ids, np.bincount(ids.ravel(), minlength=len(masks))[:len(masks)].tolist()
 
   ids, areas = segment_map(masks, merge_stuff=True)
   while len(labels):

@@ -308,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Trains per `config` in `workdir` (resuming from its latest checkpoint), then evaluates.
 
   Writes workdir/model_config.json, workdir/checkpoints/<step>/ and TensorBoard summaries, and
-  workdir/eval_<step>/ {metrics.json, detections.json} after evaluations.
+  workdir/eval_<step>/ after evaluations (the files of `evaluation.evaluate`'s output_dir).
   Returns:
     the final TrainState (on preemption, the state that was saved).
   Raises:

@@ -227,7 +227,7 @@ def test_evaluation_of_ground_truth_segments(coco_mini, tmp_path):
   options = pipeline.PipelineOptions(scale=1.0, max_boxes=100, pad_multiple=1)
   metrics = evaluation.evaluate(None, {}, str(coco_mini), "train2017", 1, options, training.create_mesh(),
                                 output_dir=str(out), max_images=6, predict_fn=jax.jit(ground_truth_predictions),
-                                panoptic=True)
+                                panoptic=True, target_masks=True)
   panoptic_json = json.loads((coco_mini / "annotations" / "panoptic_train2017.json").read_text())
   image_ids = sorted(a["image_id"] for a in panoptic_json["annotations"])[:6]
   assert metrics["num_images"] == len(image_ids) == 6

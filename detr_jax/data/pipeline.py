@@ -256,11 +256,13 @@ def train_dataset(records: coco.CocoRecords, batch_size: int, seed: int, options
 
 
 def eval_dataset(records: coco.CocoRecords, batch_size: int, options: PipelineOptions,
-                 process: Optional[tuple] = None, max_images: Optional[int] = None) -> tf.data.Dataset:
+                 process: Optional[tuple] = None, max_images: Optional[int] = None,
+                 target_masks: bool = False) -> tf.data.Dataset:
   """One pass over the split in id order, each process taking every process_count-th image.
 
   Every process yields the same number of batches: the tail is filled with copies marked
-  example_mask=False, which evaluation must drop.
+  example_mask=False, which evaluation must drop. Panoptic records give "masks" only with
+  `target_masks`: evaluation does not need them, and at full size they are [T, H, W] per image.
   """
   process_index, process_count = process or _process()
   num = len(records) if max_images is None else min(max_images, len(records))
@@ -269,8 +271,13 @@ def eval_dataset(records: coco.CocoRecords, batch_size: int, options: PipelineOp
   indices = tf.data.Dataset.from_tensor_slices((np.minimum(positions, num - 1), positions < num))
   load = _example_loader(records)
 
-  dataset = _parallel_map(indices, lambda index, real: {**_eval_example(load(index), options), "example_mask": real})
-  return _batch(dataset, batch_size, options)
+  def example(index, real):
+    loaded = load(index)
+    if not target_masks:
+      loaded.pop("masks", None)
+    return {**_eval_example(loaded, options), "example_mask": real}
+
+  return _batch(_parallel_map(indices, example), batch_size, options)
 
 
 def tfds_dataset(split: str, batch_size: int, seed: int, options: PipelineOptions, train: bool,
