@@ -21,7 +21,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from detr_jax import evaluation, porting, training
+from detr_jax import evaluation, porting, system, training
 from detr_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/detr_r50.py", "Config file (data and eval settings).")
@@ -36,6 +36,7 @@ flags.mark_flags_as_required(["checkpoint"])
 
 def main(argv):
   del argv
+  system.retain_freed_host_memory()   # before JAX starts its threads
   training.quiet_library_logs()
   if _DISTRIBUTED.value:
     jax.distributed.initialize()

@@ -12,7 +12,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from detr_jax import training
+from detr_jax import system, training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, summaries and evaluation results go here.")
@@ -25,6 +25,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  system.retain_freed_host_memory()   # before JAX starts its threads
   training.quiet_library_logs()
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -1,10 +1,11 @@
 r"""Forward-pass speed of DETR-R50: jit-compiled JAX against transformers' PyTorch model.
 
 Both run the same random weights (ported from the PyTorch model) on the same 800x1066 input,
-in one process on the same machine. Prints ms/image for each and the ratio PyTorch / JAX
-(above 1: JAX is faster).
+in one process on the same machine, with calls alternating between the two. Prints ms/image for
+each and the ratio PyTorch / JAX (above 1: JAX is faster).
 
   python benchmarks/forward.py [--batch_sizes 1,2] [--iters 5] [--dtypes float32,bfloat16] [--panoptic]
+      [--default_allocator]
 
 --panoptic times the panoptic model (mask head, 250 classes) against DetrForSegmentation.
 
@@ -12,6 +13,7 @@ On a GPU, PyTorch runs on CUDA in float32 and JAX on the default device in each 
 """
 
 import argparse
+import functools
 import os
 import sys
 
@@ -20,8 +22,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.timing import median_seconds  # noqa: E402
-from detr_jax import porting  # noqa: E402
+from benchmarks.timing import interleaved_median_seconds  # noqa: E402
+from detr_jax import porting, system  # noqa: E402
 from tests.conftest import hf_detr  # noqa: E402
 
 
@@ -33,7 +35,11 @@ def main():
   parser.add_argument("--height", type=int, default=800)
   parser.add_argument("--width", type=int, default=1066)
   parser.add_argument("--panoptic", action="store_true")
+  parser.add_argument("--default_allocator", action="store_true",
+                      help="leave glibc's malloc as it is, to measure what retain_freed_host_memory gains")
   args = parser.parse_args()
+  if not args.default_allocator:
+    system.retain_freed_host_memory()   # as eval.py does; PyTorch's side gains from it too
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   reference = (hf_detr(50, segmentation=True, num_labels=250) if args.panoptic else hf_detr(50)).to(device)
@@ -57,15 +63,19 @@ def main():
         torch.cuda.synchronize()
       return out
 
-    torch_seconds = median_seconds(torch_forward, args.iters)
+    jax_forwards = {}
     for dtype in args.dtypes.split(","):
       model, variables = porting.load_pytorch_checkpoint(state_dict, dtype=dtype)
-      variables = jax.device_put(variables)
-      forward = jax.jit(model.apply)
-      jax_images, jax_mask = jax.device_put(images), jax.device_put(mask)
-      jax_seconds = median_seconds(lambda: jax.block_until_ready(forward(variables, jax_images, jax_mask)), args.iters)
-      print(f"{batch:>5} {dtype:>9} {torch_seconds * 1000 / batch:>13.1f} {jax_seconds * 1000 / batch:>11.1f} "
-            f"{torch_seconds / jax_seconds:>10.2f}")
+      jax_forwards[dtype] = functools.partial(jax_forward, jax.jit(model.apply), jax.device_put(variables),
+                                              jax.device_put(images), jax.device_put(mask))
+    torch_seconds, *jax_seconds = interleaved_median_seconds([torch_forward, *jax_forwards.values()], args.iters)
+    for dtype, seconds in zip(jax_forwards, jax_seconds):
+      print(f"{batch:>5} {dtype:>9} {torch_seconds * 1000 / batch:>13.1f} {seconds * 1000 / batch:>11.1f} "
+            f"{torch_seconds / seconds:>10.2f}")
+
+
+def jax_forward(forward, variables, images, mask):
+  return jax.block_until_ready(forward(variables, images, mask))
 
 
 if __name__ == "__main__":

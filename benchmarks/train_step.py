@@ -7,7 +7,7 @@ coco-mini targets. JAX: `training.make_train_step` (one jit, host matcher). PyTo
 `DetrForObjectDetection(labels=...)` with its DetrLoss, `clip_grad_norm_` and `torch.optim.AdamW`.
 Prints s/step for each and the ratio PyTorch / JAX (above 1: JAX is faster).
 
-  python benchmarks/train_step.py [--batch 2] [--size 512] [--iters 5] [--dtype float32]
+  python benchmarks/train_step.py [--batch 2] [--size 512] [--iters 5] [--dtype float32] [--default_allocator]
 
 On a GPU, PyTorch runs on CUDA in float32 and JAX on the default device in --dtype.
 """
@@ -17,14 +17,14 @@ import os
 import sys
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.timing import interleaved_median_seconds  # noqa: E402
 from configs import detr_r50  # noqa: E402
-from detr_jax import losses, porting, training  # noqa: E402
-from detr_jax import optim  # noqa: E402
+from detr_jax import losses, optim, porting, system, training  # noqa: E402
 from tests.conftest import COCO_MINI, coco_targets, coco_train_image_ids, hf_detr  # noqa: E402
 
 DROPOUT = dict(dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)   # the official model's dropouts
@@ -63,7 +63,8 @@ def jax_step_fn(state_dict, images, mask, targets, dtype):
   criterion = losses.SetCriterion(num_classes=91, mesh=mesh)
   metrics_class = training.metric_collection(model.num_decoder_layers)
   train_step = training.make_train_step(model, criterion, tx, mesh, metrics_class)
-  state = training.create_train_state(variables, tx, seed=0)
+  # Replicated on the mesh as train.py places it; an unplaced state would compile the step twice.
+  state = jax.device_put(training.create_train_state(variables, tx, seed=0), NamedSharding(mesh, PartitionSpec()))
   # On the device before timing, as the PyTorch tensors are and as train.py's prefetched batches are.
   batch = jax.device_put({"image": images, "pixel_mask": mask, **targets})
   box = {"state": state}
@@ -80,8 +81,12 @@ def main():
   parser.add_argument("--size", type=int, default=512)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--default_allocator", action="store_true",
+                      help="leave glibc's malloc as it is, to measure what retain_freed_host_memory gains")
   args = parser.parse_args()
 
+  if not args.default_allocator:
+    system.retain_freed_host_memory()   # as train.py does; PyTorch's side gains from it too
   device = "cuda" if torch.cuda.is_available() else "cpu"
   reference = hf_detr(50, auxiliary_loss=True, **DROPOUT)
   state_dict = {k: v.clone() for k, v in reference.state_dict().items()}

@@ -91,8 +91,9 @@ class DETR(nn.Module):
     pos = self._position_encoding(padding_mask)
 
     in_channels = features.shape[-1]
-    src = nn.Conv(self.hidden_dim, (1, 1), dtype=dtype, kernel_init=initializers.torch_default_kernel,
-                  bias_init=initializers.torch_default_bias(in_channels), name="input_proj")(features)
+    src = backbone_lib.PointwiseConv(
+        self.hidden_dim, dtype=dtype, use_bias=True, kernel_init=initializers.torch_default_kernel,
+        bias_init=initializers.torch_default_bias(in_channels), name="input_proj")(features)
     query_embed = self.param("query_embed", jax.nn.initializers.normal(1.0),
                              (self.num_queries, self.hidden_dim))
     batch = images.shape[0]

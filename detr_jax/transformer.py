@@ -19,6 +19,36 @@ def _layer_norm(dtype, name):
   return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name)
 
 
+class Dropout(nn.Module):
+  """Inverted dropout (`torch.nn.Dropout`) drawing 16 random bits per decision, two per 32-bit draw.
+
+  Same contract as `nn.Dropout`: the "dropout" rng stream, identity when deterministic, kept
+  values scaled up so that the expectation is unchanged. JAX's sharding-invariant threefry
+  spends one hash per 32-bit value, and the masks of DETR's twelve layers (21M decisions per
+  step at batch 2, 512x512) took 94 ms of a CPU training step; using both 16-bit halves of each
+  value makes it 64 ms. A value is kept when its 16 bits are below
+  round((1 - rate) * 2**16), so the effective rate is within 2**-17 of `rate`, and kept values
+  are divided by that keep probability exactly.
+
+  Input and output: any shape [..., N], any float dtype.
+  """
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0:
+      return x
+    if self.rate >= 1:
+      return jnp.zeros_like(x)
+    threshold = max(1, round((1 - self.rate) * 2**16))
+    width = x.shape[-1]
+    bits = jax.random.bits(self.make_rng("dropout"), (*x.shape[:-1], (width + 1) // 2), jnp.uint32)
+    uniform16 = jnp.concatenate([bits >> 16, bits & 0xFFFF], axis=-1)[..., :width]
+    scale = jnp.asarray(2**16 / threshold, x.dtype)
+    return jnp.where(uniform16 < threshold, x * scale, jnp.zeros((), x.dtype))
+
+
 class MultiheadAttention(nn.Module):
   """`torch.nn.MultiheadAttention` with a fused input projection, batch-major.
 
@@ -56,7 +86,7 @@ class MultiheadAttention(nn.Module):
     if key_padding_mask is not None:
       logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
     weights = jax.nn.softmax(logits, axis=-1)
-    weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+    weights = Dropout(self.dropout)(weights, deterministic=deterministic)
     out = jnp.einsum("bhts,bshd->bthd", weights.astype(self.dtype), v)
     out = out.reshape(*out.shape[:2], d_model)
     return nn.Dense(d_model, dtype=self.dtype, kernel_init=initializers.xavier_uniform,
@@ -75,7 +105,7 @@ class FeedForward(nn.Module):
     d_model = x.shape[-1]
     y = nn.Dense(self.dim_feedforward, dtype=self.dtype, kernel_init=initializers.xavier_uniform,
                  bias_init=initializers.torch_default_bias(d_model), name="linear1")(x)
-    y = nn.Dropout(self.dropout)(nn.relu(y), deterministic=deterministic)
+    y = Dropout(self.dropout)(nn.relu(y), deterministic=deterministic)
     return nn.Dense(d_model, dtype=self.dtype, kernel_init=initializers.xavier_uniform,
                     bias_init=initializers.torch_default_bias(self.dim_feedforward), name="linear2")(y)
 
@@ -94,7 +124,7 @@ class EncoderLayer(nn.Module):
     attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, name="self_attn")
     ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="ffn")
     norm1, norm2 = _layer_norm(self.dtype, "norm1"), _layer_norm(self.dtype, "norm2")
-    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    drop = lambda x: Dropout(self.dropout)(x, deterministic=deterministic)
 
     if self.pre_norm:
       x = norm1(src)
@@ -119,7 +149,7 @@ class DecoderLayer(nn.Module):
     cross_attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, name="multihead_attn")
     ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="ffn")
     norm1, norm2, norm3 = (_layer_norm(self.dtype, f"norm{i}") for i in (1, 2, 3))
-    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    drop = lambda x: Dropout(self.dropout)(x, deterministic=deterministic)
     keys = memory + pos
 
     if self.pre_norm:

@@ -88,3 +88,27 @@ def test_attention_matches_torch_multihead_attention():
                    "bias": reference.out_proj.bias.detach().numpy()}}}
   actual = transformer.MultiheadAttention(4).apply(params, query, key, value, key_padding_mask)
   np.testing.assert_allclose(actual, expected.detach().numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_keeps_values_at_the_configured_rate_and_preserves_the_mean(rate):
+  shape = (4, 300, 257)   # odd width: half of the last 32-bit draw of a row goes unused
+  y = transformer.Dropout(rate).apply({}, jnp.ones(shape), deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+  kept = np.asarray(y) != 0
+  # Binomial counts: 5 standard deviations, plus the 2**-17 quantisation of the 16-bit threshold.
+  tolerance = lambda p: 5 * np.sqrt(p * (1 - p) / kept[..., :128].size) + 2**-17
+  assert abs(kept.mean() - (1 - rate)) < tolerance(1 - rate)
+  np.testing.assert_allclose(np.asarray(y)[kept], 1 / (1 - rate), rtol=2**-15)
+  assert abs(np.asarray(y).mean() - 1) < 5 * np.sqrt(rate / (1 - rate) / kept.size)
+  # Columns j and 129 + j come from the two halves of one 32-bit draw; they must be independent.
+  both = (kept[..., :128] & kept[..., 129:257]).mean()
+  assert abs(both - (1 - rate)**2) < tolerance((1 - rate)**2)
+  other_key = transformer.Dropout(rate).apply({}, jnp.ones(shape), deterministic=False,
+                                              rngs={"dropout": jax.random.PRNGKey(1)})
+  assert not np.array_equal(np.asarray(other_key) != 0, kept)
+
+
+def test_dropout_is_the_identity_when_deterministic_and_zero_at_rate_one():
+  x = jnp.arange(12.0).reshape(3, 4)
+  np.testing.assert_array_equal(transformer.Dropout(0.1).apply({}, x, deterministic=True), x)
+  np.testing.assert_array_equal(transformer.Dropout(1.0).apply({}, x, deterministic=False), np.zeros((3, 4)))
