@@ -35,16 +35,27 @@ def tiny_config(data_dir, **overrides):
 
 
 TRAIN_SCRIPT = """
-import json, sys
+import json, os, signal, sys
 import jax
+import pytest
 args = json.loads(sys.argv[1])
 if "process_id" in args:
   jax.distributed.initialize(f"localhost:{args['port']}", args["num_processes"], args["process_id"])
 from detr_jax import summaries, training
-from tests.test_training import LOSS_TERMS, tiny_config
-training.train_and_evaluate(tiny_config(args["data_dir"], num_train_steps=2), args["workdir"])
+from tests.test_training import LOSS_TERMS, _instrumented_train_step, tiny_config
+calls = []
+def on_call(index, batch):
+  calls.append(index)
+  if index == args.get("sigterm_at_call") and jax.process_index() == args.get("sigterm_process"):
+    os.kill(os.getpid(), signal.SIGTERM)   # the preemption notice reaches one host
+  return batch
+_instrumented_train_step(pytest.MonkeyPatch(), on_call)
+config = tiny_config(args["data_dir"], num_train_steps=args.get("steps", 2),
+                     checkpoint_every_steps=args.get("checkpoint_every_steps", 2))
+state = training.train_and_evaluate(config, args["workdir"])
 scalars = summaries.read_scalars(args["workdir"]) if jax.process_index() == 0 else {}
-print(json.dumps({"devices": jax.device_count(), **{k: scalars[k] for k in LOSS_TERMS if k in scalars}}))
+print(json.dumps({"devices": jax.device_count(), "step": int(state.step), "calls": len(calls),
+                  **{k: scalars[k] for k in LOSS_TERMS if k in scalars}}))
 """
 
 
@@ -70,23 +81,40 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(coco_mini, tmp_path):
-  workdir = tmp_path / "two"
+def _train_on_two_processes(**args) -> list[dict]:
+  """TRAIN_SCRIPT on 2 localhost processes of 2 CPU devices each; each process's printed JSON."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
              PYTHONPATH=str(REPO_ROOT))
   runs = [subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, json.dumps(
-              {"data_dir": str(coco_mini), "workdir": str(workdir), "port": port, "num_processes": 2,
-               "process_id": i})], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              {**args, "port": port, "num_processes": 2, "process_id": i})],
+              env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
           for i in range(2)]
   outputs = [run.communicate(timeout=600) for run in runs]
   for run, (_, stderr) in zip(runs, outputs):
     assert run.returncode == 0, stderr[-3000:]
-  two = json.loads(outputs[0][0].strip().splitlines()[-1])
+  return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+
+
+def test_two_processes_train_like_one(coco_mini, tmp_path):
+  two, _ = _train_on_two_processes(data_dir=str(coco_mini), workdir=str(tmp_path / "two"))
   one = run_on_cpu_devices(TRAIN_SCRIPT, json.dumps({"data_dir": str(coco_mini), "workdir": str(tmp_path / "one")}),
                            devices=4)
   assert two["devices"] == one["devices"] == 4
   _assert_same_losses(one, two, atol=1e-5)
+
+
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(coco_mini, tmp_path):
+  """jax.distributed's preemption sync (orbax `reached_preemption`) makes both processes agree on
+  the step to save after one of them gets SIGTERM; both exit cleanly, and a rerun resumes there."""
+  run = dict(data_dir=str(coco_mini), workdir=str(tmp_path / "run"), checkpoint_every_steps=1000)
+  preempted = _train_on_two_processes(**run, steps=40, sigterm_process=1, sigterm_at_call=3)
+  saved = preempted[0]["step"]
+  assert [out["step"] for out in preempted] == [saved, saved] and 3 <= saved < 40
+  with training.checkpoint_manager(run["workdir"]) as manager:
+    assert manager.latest_step() == saved   # periodic saves are 1000 steps apart
+  resumed = _train_on_two_processes(**run, steps=saved + 2)
+  assert [(out["step"], out["calls"]) for out in resumed] == [(saved + 2, 2), (saved + 2, 2)]
 
 
 def _instrumented_train_step(monkeypatch, on_call):
