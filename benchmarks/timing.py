@@ -1,5 +1,6 @@
-"""Wall-clock timing shared by the benchmark scripts."""
+"""Wall-clock timing and page-fault counts shared by the benchmark scripts."""
 
+import resource
 import time
 
 import numpy as np
@@ -28,3 +29,10 @@ def interleaved_median_seconds(fns, iters: int) -> list[float]:
       fn()
       fn_times.append(time.perf_counter() - start)
   return [float(np.median(t)) for t in times]
+
+
+def minor_page_faults(fn) -> int:
+  """Minor page faults of this process during one call of `fn()` (first touches of fresh memory)."""
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  fn()
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before

@@ -5,7 +5,8 @@ the 0.1 global-norm clip and AdamW (lr 1e-4, backbone 1e-5, stem and layer1 froz
 official recipe. Both sides start from the same random weights on the same images and real
 coco-mini targets. JAX: `training.make_train_step` (one jit, host matcher). PyTorch:
 `DetrForObjectDetection(labels=...)` with its DetrLoss, `clip_grad_norm_` and `torch.optim.AdamW`.
-Prints s/step for each and the ratio PyTorch / JAX (above 1: JAX is faster).
+Prints s/step for each, the ratio PyTorch / JAX (above 1: JAX is faster), and each side's page
+faults in one more step.
 
   python benchmarks/train_step.py [--batch 2] [--size 512] [--iters 5] [--dtype float32] [--default_allocator]
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.timing import interleaved_median_seconds  # noqa: E402
+from benchmarks.timing import interleaved_median_seconds, minor_page_faults  # noqa: E402
 from configs import detr_r50  # noqa: E402
 from detr_jax import losses, optim, porting, system, training  # noqa: E402
 from tests.conftest import COCO_MINI, coco_targets, coco_train_image_ids, hf_detr  # noqa: E402
@@ -108,6 +109,7 @@ def main():
   print(f"{'PyTorch s/step':>15} {'JAX s/step':>11} {'PyTorch/JAX':>12} {'JAX images/s':>13}")
   print(f"{torch_seconds:>15.3f} {jax_seconds:>11.3f} {torch_seconds / jax_seconds:>12.2f} "
         f"{args.batch / jax_seconds:>13.2f}")
+  print(f"minor page faults per step: PyTorch {minor_page_faults(torch_step)}, JAX {minor_page_faults(jax_step)}")
 
 
 if __name__ == "__main__":
