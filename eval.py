@@ -50,7 +50,7 @@ def main(argv):
   metrics = evaluation.evaluate(model, variables, data_dir, split, config.eval_batch_size,
                                 pipeline.PipelineOptions.from_config(config.data), mesh,
                                 output_dir=_OUTPUT_DIR.value, max_images=_MAX_IMAGES.value,
-                                panoptic=config.data.source == "coco_panoptic")
+                                panoptic=training.evaluates_panoptic(config))
   print(f"{porting.describe(porting.model_config(model))} on {data_dir}/{split} ({metrics['num_images']} images):")
   print(evaluation.metrics_table(metrics))
 

@@ -225,7 +225,7 @@ def evaluate(model: detr.DETR, variables, data_dir: str, split: str, batch_size:
   replicated = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
   for prediction, image_id, processed_size, original_size in _local_images(predict_fn, replicated, dataset, mesh):
     detections.extend(_detection_results(prediction, image_id))
-    if "masks" in prediction:
+    if score_ap and "masks" in prediction:
       segmentations.extend(_segmentation_results(prediction, image_id, processed_size, original_size))
     if scorer:
       scorer.add(prediction, image_id, processed_size, original_size)

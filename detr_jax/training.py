@@ -294,10 +294,15 @@ def restore_variables(workdir: str, mesh: Optional[Mesh] = None, step: Optional[
   return model, restored["state"].variables
 
 
+def evaluates_panoptic(config: ml_collections.ConfigDict) -> bool:
+  """Whether evaluation under `config` is panoptic (PQ on a COCO panoptic split, see `evaluation.evaluate`)."""
+  return config.data.source == "coco_panoptic"
+
+
 def _evaluate(config, model, state, directory, options, mesh, predict_fn, writer, step, output_dir):
   metrics = evaluation.evaluate(model, state.variables, directory, config.data.eval_split, config.eval_batch_size,
                                 options, mesh, output_dir=output_dir, max_images=config.eval_max_images or None,
-                                predict_fn=predict_fn, panoptic=config.data.source == "coco_panoptic")
+                                predict_fn=predict_fn, panoptic=evaluates_panoptic(config))
   writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
   logging.info("Evaluation at step %d on %s/%s (%d images):\n%s", step, directory, config.data.eval_split,
                metrics["num_images"], evaluation.metrics_table(metrics))
@@ -355,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_step = make_train_step(model, criterion, tx, mesh, metrics_class, config.optimizer.train_mask_head_only)
   # Evaluation reads the COCO annotation json, which only folder sources have.
   evaluates = bool(config.data.eval_split) and config.data.source in ("coco_folder", "generated", "coco_panoptic")
-  predict_fn = evaluation.make_predict_fn(model, masks=model.masks, panoptic=config.data.source == "coco_panoptic")
+  predict_fn = evaluation.make_predict_fn(model, masks=model.masks, panoptic=evaluates_panoptic(config))
   schedules = optim.learning_rate_schedules(config.optimizer, steps_per_epoch)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                                     every_steps=config.log_every_steps)
