@@ -66,11 +66,12 @@ def _bilinear_resize(masks: np.ndarray, size) -> np.ndarray:
   return np.asarray(jax.image.resize(masks, (masks.shape[0], *size), "bilinear", antialias=False))
 
 
-def _pil_nearest_resize(ids: np.ndarray, size) -> np.ndarray:
-  """[h, w] -> size, as PIL's Image.resize(NEAREST): source = floor((dst + 0.5) * in / out)."""
-  rows = np.minimum(((np.arange(size[0]) + 0.5) * ids.shape[0] / size[0]).astype(np.int64), ids.shape[0] - 1)
-  cols = np.minimum(((np.arange(size[1]) + 0.5) * ids.shape[1] / size[1]).astype(np.int64), ids.shape[1] - 1)
-  return ids[rows][:, cols]
+def _nearest_resize(ids: np.ndarray, size) -> np.ndarray:
+  """[h, w] int segment map -> size (height, width) with PIL's Image.resize(NEAREST), as the official
+  code resizes its id2rgb image (PIL's own source-pixel arithmetic, exactly)."""
+  from PIL import Image
+  resized = Image.fromarray(ids.astype(np.int32)).resize((size[1], size[0]), Image.NEAREST)
+  return np.asarray(resized, np.int64)
 
 
 def panoptic(pred_logits, pred_masks, processed_size, target_size, thing_ids, threshold: float = 0.85):
@@ -108,7 +109,7 @@ def panoptic(pred_logits, pred_masks, processed_size, target_size, thing_ids, th
     if merge_stuff:
       for group in stuff_groups.values():
         ids[np.isin(ids, group)] = group[0]
-    ids = _pil_nearest_resize(ids, tuple(target_size))
+    ids = _nearest_resize(ids, tuple(target_size))
     return ids, np.bincount(ids.ravel(), minlength=len(masks))[:len(masks)].tolist()
 
   ids, areas = segment_map(masks, merge_stuff=True)
