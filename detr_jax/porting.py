@@ -415,7 +415,9 @@ def hf_model(config: Mapping[str, Any]):
       encoder_attention_heads=config["num_heads"], decoder_attention_heads=config["num_heads"],
       encoder_ffn_dim=config["dim_feedforward"], decoder_ffn_dim=config["dim_feedforward"],
       dropout=config["dropout"], attention_dropout=config["dropout"], activation_dropout=config["dropout"],
-      position_embedding_type=config["position_embedding"], auxiliary_loss=config["aux_loss"])
+      # Off whatever the model's aux_loss: transformers' auxiliary mode feeds each layer's normed output to the next
+      # layer (the official decoder feeds the un-normed one), which would change the exported model's outputs.
+      position_embedding_type=config["position_embedding"], auxiliary_loss=False)
   return (DetrForSegmentation if config["masks"] else DetrForObjectDetection)(hf_config)
 
 

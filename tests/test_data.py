@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from detr_jax.data import check, coco, pipeline, transforms
-from tests.conftest import run_on_cpu_devices
+from tests.conftest import official_size, run_on_cpu_devices
 
 SMALL = pipeline.PipelineOptions(scale=0.25, pad_multiple=32)
 
@@ -24,19 +24,6 @@ def train_records(coco_mini):
 @pytest.fixture(scope="module")
 def val_records(coco_mini):
   return coco.load_coco_folder(str(coco_mini), "val2017")
-
-
-def official_size(w, h, size, max_size=None):
-  """Transcription of official `get_size_with_aspect_ratio` (datasets/transforms.py)."""
-  if max_size is not None:
-    min_original, max_original = float(min((w, h))), float(max((w, h)))
-    if max_original / min_original * size > max_size:
-      size = int(round(max_size * min_original / max_original))
-  if (w <= h and w == size) or (h <= w and h == size):
-    return (h, w)
-  if w < h:
-    return (int(size * h / w), size)
-  return (size, int(size * w / h))
 
 
 def test_target_size_matches_official():

@@ -1,4 +1,10 @@
-"""Checkpoint porting: official and Hugging Face layouts, strictness, CLI round trips."""
+"""Checkpoint porting: official and Hugging Face layouts, strictness, CLI round trips.
+
+The official layout is checked against the reference key list and against
+`conftest.hf_to_official_by_hand` (a renamer written from the official module names, independent
+of `porting`'s rules); the Hugging Face rules by the outputs of the transformers models they feed.
+Output tolerances as in test_model_parity: logits 1e-5, boxes 1e-6 (measured ~2e-6 and 1.2e-7).
+"""
 
 import json
 import re
@@ -10,9 +16,10 @@ import torch
 from safetensors.numpy import save_file
 
 from detr_jax import porting
-from tests.conftest import SHARED_REFERENCE, hf_detr, require_shared_file
+from tests.conftest import SHARED_REFERENCE, hf_detr, hf_to_official_by_hand, require_shared_file
 
 OFFICIAL_KEYS = SHARED_REFERENCE / "official-state-dict-keys.json"
+LOGITS_TOLERANCE, BOXES_TOLERANCE = 1e-5, 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +50,60 @@ def test_official_layout_round_trip(official_shapes, name, dilation, depth):
   assert_same_state_dict(porting.to_pytorch_state_dict(variables), state_dict)
 
 
+@pytest.mark.parametrize("name,depth,segmentation", [("detr-r50", 50, False), ("detr-r101", 101, False),
+                                                      ("detr-r50-panoptic", 50, True)])
+def test_hand_renamed_transformers_model_has_the_official_keys(official_shapes, name, depth, segmentation):
+  """The test's own renamer gives exactly the official key list, so it can serve as a reference."""
+  reference = hf_detr(depth, segmentation=segmentation, num_labels=250 if segmentation else 91)
+  official = hf_to_official_by_hand(reference.state_dict())
+  assert {k: list(v.shape) for k, v in official.items()} == {k: list(v) for k, v in official_shapes[name].items()}
+
+
+def test_official_keys_land_on_the_right_variables(official_shapes):
+  """Values placed by hand: official key -> the Flax variable that must hold it, in Flax's layout."""
+  state_dict = random_state_dict(official_shapes["detr-r50"], seed=8)
+  _, variables = porting.load_pytorch_checkpoint(state_dict)
+  params, stats = variables["params"], variables["batch_stats"]
+  decoder_layer, encoder_layer = params["transformer"]["decoder_layers_2"], params["transformer"]["encoder_layers_4"]
+  pairs = [
+      ("transformer.decoder.layers.2.norm2.weight", decoder_layer["norm2"]["scale"]),
+      ("transformer.decoder.layers.2.norm3.bias", decoder_layer["norm3"]["bias"]),
+      ("transformer.encoder.layers.4.norm2.weight", encoder_layer["norm2"]["scale"]),
+      ("transformer.decoder.layers.2.linear1.weight", decoder_layer["ffn"]["linear1"]["kernel"].T),
+      ("transformer.decoder.layers.2.multihead_attn.out_proj.weight", decoder_layer["multihead_attn"]["out_proj"]["kernel"].T),
+      ("transformer.decoder.norm.bias", params["transformer"]["decoder_norm"]["bias"]),
+      ("query_embed.weight", params["query_embed"]),
+      ("class_embed.weight", params["class_embed"]["kernel"].T),
+      ("bbox_embed.layers.2.bias", params["bbox_embed"]["layers_2"]["bias"]),
+      ("input_proj.weight", np.asarray(params["input_proj"]["kernel"]).transpose(3, 2, 0, 1)),
+      ("backbone.0.body.layer3.1.conv2.weight", np.asarray(params["backbone"]["layer3_1"]["conv2"]["kernel"]).transpose(3, 2, 0, 1)),
+      ("backbone.0.body.layer2.0.downsample.1.running_var", stats["backbone"]["layer2_0"]["downsample_1"]["var"]),
+      ("backbone.0.body.bn1.running_mean", stats["backbone"]["bn1"]["mean"]),
+  ]
+  for key, variable in pairs:
+    np.testing.assert_array_equal(np.asarray(variable), state_dict[key], err_msg=key)
+  # nn.MultiheadAttention stacks the q, k and v projections as rows of in_proj_weight.
+  fused = state_dict["transformer.encoder.layers.4.self_attn.in_proj_weight"]
+  np.testing.assert_array_equal(np.asarray(encoder_layer["self_attn"]["in_proj_kernel"]).T, fused)
+
+
+def transformers_outputs(reference, images, mask):
+  with torch.no_grad():
+    return reference(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
+                     pixel_mask=torch.from_numpy(mask).long())
+
+
+def assert_same_detections(out, expected):
+  np.testing.assert_allclose(out["pred_logits"], expected.logits.numpy(), atol=LOGITS_TOLERANCE, rtol=0)
+  np.testing.assert_allclose(out["pred_boxes"], expected.pred_boxes.numpy(), atol=BOXES_TOLERANCE, rtol=0)
+
+
 def test_official_layout_of_hf_model_gives_hf_outputs(two_real_images):
   images, mask = two_real_images
   reference = hf_detr(50, seed=1)
-  official = porting.hf_to_official({k: v.numpy() for k, v in reference.state_dict().items()})
-  assert all(not k.startswith("model.") for k in official)
+  official = hf_to_official_by_hand(reference.state_dict())
   model, variables = porting.load_pytorch_checkpoint(official)
-  with torch.no_grad():
-    expected = reference(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
-                         pixel_mask=torch.from_numpy(mask).long())
-  out = jax.jit(model.apply)(variables, images, mask)
-  np.testing.assert_allclose(out["pred_logits"], expected.logits.numpy(), atol=1e-4, rtol=0)
-  np.testing.assert_allclose(out["pred_boxes"], expected.pred_boxes.numpy(), atol=1e-4, rtol=0)
+  assert_same_detections(jax.jit(model.apply)(variables, images, mask), transformers_outputs(reference, images, mask))
   assert_same_state_dict(porting.to_pytorch_state_dict(variables), official)
 
 
@@ -102,31 +151,19 @@ def test_hub_safetensors_layout(official_shapes, tmp_path):
   assert_same_state_dict(porting.to_pytorch_state_dict(variables), official)
 
 
-def test_installed_transformers_layout(two_real_images):
+def test_installed_transformers_layout():
   reference = hf_detr(50, seed=2)
   _, variables = porting.load_pytorch_checkpoint(reference.state_dict())
-  official = porting.hf_to_official({k: v.numpy() for k, v in reference.state_dict().items()})
-  assert_same_state_dict(porting.to_pytorch_state_dict(variables), official)
+  assert_same_state_dict(porting.to_pytorch_state_dict(variables), hf_to_official_by_hand(reference.state_dict()))
 
 
 def test_learned_position_and_resnet18_match_hf(two_real_images):
   """Basic blocks (R18) and the learned encoding port from HF's layout and give its outputs."""
-  from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
   images, mask = two_real_images
-  torch.manual_seed(0)
-  config = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone=None, num_labels=20,
-                      num_queries=30, position_embedding_type="learned",
-                      backbone_config=ResNetConfig(layer_type="basic", depths=[2, 2, 2, 2],
-                                                   hidden_sizes=[64, 128, 256, 512], out_features=["stage4"]))
-  reference = DetrForObjectDetection(config).eval()
-  with torch.no_grad():
-    expected = reference(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
-                         pixel_mask=torch.from_numpy(mask).long())
+  reference = hf_detr(18, num_labels=20, num_queries=30, position_embedding_type="learned")
   model, variables = porting.load_pytorch_checkpoint(reference.state_dict())
   assert (model.backbone_depth, model.position_embedding, model.num_classes, model.num_queries) == (18, "learned", 20, 30)
-  out = jax.jit(model.apply)(variables, images, mask)
-  np.testing.assert_allclose(out["pred_logits"], expected.logits.numpy(), atol=1e-4, rtol=0)
-  np.testing.assert_allclose(out["pred_boxes"], expected.pred_boxes.numpy(), atol=1e-4, rtol=0)
+  assert_same_detections(jax.jit(model.apply)(variables, images, mask), transformers_outputs(reference, images, mask))
 
 
 def test_torchvision_backbone(official_shapes):
@@ -198,23 +235,24 @@ def test_hf_export_equals_the_imported_state_dict(depth, segmentation, position)
 
 
 def test_hf_export_cli_gives_a_from_pretrained_directory(two_real_images, tmp_path):
-  """orbax checkpoint -> `export --hf` -> DetrForSegmentation.from_pretrained gives the same outputs.
+  """official .pth -> `import` -> `export --hf` -> DetrForSegmentation.from_pretrained gives the
+  outputs of the transformers model the .pth was renamed from (by hand, not by `porting`).
 
-  The weights are exactly equal (test above); the outputs agree to float32 rounding (1e-5), not
-  bitwise, since `from_pretrained` builds the model with its own defaults (differences of ~1e-6).
+  Import reads official keys and export writes HF keys, so a Hugging Face rule that is wrong the
+  same way in both directions cannot cancel out. Tolerance 1e-5 on logits and mask logits, 1e-6 on
+  boxes: the exported weights are exact, `from_pretrained` differs by float32 rounding (~1e-6).
   """
   from transformers import DetrForSegmentation
   images, mask = two_real_images
   reference = hf_detr(18, segmentation=True, num_labels=250, seed=7)
-  model, variables = porting.load_pytorch_checkpoint(reference.state_dict())
-  porting.save_checkpoint(str(tmp_path / "ckpt"), model, variables)
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in hf_to_official_by_hand(reference.state_dict()).items()}},
+             tmp_path / "official.pth")
+  assert porting.main(["import", str(tmp_path / "official.pth"), str(tmp_path / "ckpt")]) == 0
   assert porting.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--hf"]) == 0
   exported = DetrForSegmentation.from_pretrained(str(tmp_path / "hf")).eval()
-  inputs = dict(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2), pixel_mask=torch.from_numpy(mask).long())
-  with torch.no_grad():
-    expected, actual = reference.eval()(**inputs), exported(**inputs)
-  for name in ("logits", "pred_boxes", "pred_masks"):
-    np.testing.assert_allclose(getattr(actual, name).numpy(), getattr(expected, name).numpy(), atol=1e-5, rtol=0,
+  expected, actual = transformers_outputs(reference, images, mask), transformers_outputs(exported, images, mask)
+  for name, tolerance in (("logits", LOGITS_TOLERANCE), ("pred_boxes", BOXES_TOLERANCE), ("pred_masks", 1e-5)):
+    np.testing.assert_allclose(getattr(actual, name).numpy(), getattr(expected, name).numpy(), atol=tolerance, rtol=0,
                                err_msg=name)
 
 
