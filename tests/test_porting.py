@@ -260,3 +260,20 @@ def test_hf_export_refuses_dc5(official_shapes, capsys):
   model, variables = porting.load_pytorch_checkpoint(random_state_dict(official_shapes["detr-r50"]), dilation=True)
   with pytest.raises(ValueError, match="no DC5 or pre-norm"):
     porting.save_hf_pretrained(model, variables, "/nonexistent")
+
+
+def test_pre_norm_is_read_from_the_keys(two_real_images):
+  """A pre-norm DETR (official --pre_norm: an encoder final norm, `transformer.encoder.norm`) is
+  recognised from its keys and ports back with the same outputs; a post-norm one is not pre-norm."""
+  from detr_jax import detr
+  images, mask = two_real_images
+  for pre_norm in (True, False):
+    model = detr.DETR(backbone_depth=18, hidden_dim=64, num_encoder_layers=1, num_decoder_layers=2,
+                      dim_feedforward=128, num_queries=10, num_classes=20, pre_norm=pre_norm)
+    variables = detr.init_variables(model, jax.random.PRNGKey(3))
+    state_dict = porting.to_pytorch_state_dict(variables)
+    assert ("transformer.encoder.norm.weight" in state_dict) == pre_norm
+    ported, ported_variables = porting.load_pytorch_checkpoint(state_dict)
+    assert ported.pre_norm == pre_norm
+    np.testing.assert_array_equal(jax.jit(ported.apply)(ported_variables, images, mask)["pred_logits"],
+                                  jax.jit(model.apply)(variables, images, mask)["pred_logits"])

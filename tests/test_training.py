@@ -55,15 +55,24 @@ config = tiny_config(args["data_dir"], num_train_steps=args.get("steps", 2),
 state = training.train_and_evaluate(config, args["workdir"])
 scalars = summaries.read_scalars(args["workdir"]) if jax.process_index() == 0 else {}
 print(json.dumps({"devices": jax.device_count(), "step": int(state.step), "calls": len(calls),
-                  **{k: scalars[k] for k in LOSS_TERMS if k in scalars}}))
+                  **{k: scalars[k] for k in (*LOSS_TERMS, "grad_norm") if k in scalars}}))
 """
 
 
-def _assert_same_losses(a, b, atol):
-  for term in LOSS_TERMS:
+def _assert_same_losses(a, b, atol, grad_norm_rtol=1e-6):
+  """Loss terms within `atol`, the gradient norm (~200 at the first step) within `grad_norm_rtol`."""
+  for term in (*LOSS_TERMS, "grad_norm"):
     assert sorted(a[term]) == sorted(b[term]) == ["1", "2"], term
     for step in a[term]:
-      assert abs(a[term][step] - b[term][step]) <= atol, (term, step, a[term][step], b[term][step])
+      tolerance = grad_norm_rtol * abs(b[term][step]) if term == "grad_norm" else atol
+      assert abs(a[term][step] - b[term][step]) <= tolerance, (term, step, a[term][step], b[term][step])
+
+
+def _max_parameter_difference(workdir_a, workdir_b) -> float:
+  """Largest |difference| between the final variables of two training workdirs."""
+  _, a = training.restore_variables(str(workdir_a))
+  _, b = training.restore_variables(str(workdir_b))
+  return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), a, b)))
 
 
 def test_one_and_eight_devices_train_alike(coco_mini, tmp_path):
@@ -73,6 +82,8 @@ def test_one_and_eight_devices_train_alike(coco_mini, tmp_path):
   assert (one["devices"], eight["devices"]) == (1, 8)
   assert one["loss"]["1"] != one["loss"]["2"]
   _assert_same_losses(one, eight, atol=1e-5)   # same global batch of 8; float summation order differs
+  # Two AdamW steps move each element by ~2 * lr = 4e-4; measured difference 2.2e-7.
+  assert _max_parameter_difference(tmp_path / "one", tmp_path / "eight") <= 1e-6
 
 
 def _free_port():
@@ -102,6 +113,7 @@ def test_two_processes_train_like_one(coco_mini, tmp_path):
                            devices=4)
   assert two["devices"] == one["devices"] == 4
   _assert_same_losses(one, two, atol=1e-5)
+  assert _max_parameter_difference(tmp_path / "one", tmp_path / "two") <= 1e-6
 
 
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(coco_mini, tmp_path):
@@ -401,3 +413,25 @@ def test_panoptic_mask_head_trains_on_a_frozen_detector(coco_mini, tmp_path):
   assert evaluated["num_images"] == 2
   assert {"AP", "mask_AP", "PQ", "PQ_th", "PQ_st"} <= evaluated.keys()
   assert {"eval/PQ", "eval/mask_AP"} <= scalars.keys()
+
+
+def test_the_training_step_draws_dropout(coco_mini):
+  """The jitted step trains with dropout: its loss differs from the deterministic loss of the same
+  parameters and batch, and another seed gives another loss (dropout 0.1, real images and targets)."""
+  from detr_jax import detr, losses, optim
+  from tests.conftest import coco_targets, coco_train_image_ids, padded_batch
+  image_ids = coco_train_image_ids(coco_mini, 2)
+  images, mask = padded_batch([coco_mini / "train2017" / f"{i:012d}.jpg" for i in image_ids], 128)
+  batch = {"image": images, "pixel_mask": mask, **coco_targets(coco_mini, image_ids)[0]}
+  model = detr.DETR(backbone_depth=18, hidden_dim=64, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=128,
+                    num_queries=12, dropout=0.1)
+  variables = detr.init_variables(model, jax.random.PRNGKey(0))
+  criterion = losses.SetCriterion(num_classes=91, solver="host")
+  tx = optim.create(coco_mini_cpu.get_config().optimizer, steps_per_epoch=10)
+  train_step = training.make_train_step(model, criterion, tx, training.create_mesh(), training.metric_collection(2))
+  # Each state gets its own copy of the variables: the step donates the state's buffers.
+  step_losses = [float(train_step(training.create_train_state(jax.tree.map(jnp.array, variables), tx, seed), batch)[2])
+                 for seed in (0, 1)]
+  deterministic_loss = float(criterion(model.apply(variables, images, mask), batch)[0])
+  assert abs(step_losses[0] - deterministic_loss) > 1e-3 and abs(step_losses[1] - deterministic_loss) > 1e-3
+  assert abs(step_losses[0] - step_losses[1]) > 1e-3

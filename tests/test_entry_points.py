@@ -1,0 +1,210 @@
+"""The commands of the README as a user runs them, as subprocesses, checked on what they write.
+
+One `train.py --config configs/generated.py` run (module fixture: 3 steps of a shrunk model on
+the generated dataset, evaluation at step 2 and at the end) feeds the checks of its workdir:
+`python -m detr_jax.porting export`, `python -m detr_jax.data.check` on the generated folder,
+and a refused rerun with another seed. The batch-size check and the multi-process flags get runs
+of their own.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from detr_jax import evaluation, summaries
+from tests.conftest import REPO_ROOT
+
+# configs/generated.py shrunk so that a step compiles and runs in seconds on 2 cores: the model of
+# tests/test_training.py's tiny_config (ResNet-18, width 64, 1+2 layers, 12 queries) on 136x136
+# batches of 2 (the generated images are scaled to sides of 48..80, at most 133 px).
+SMALL = ("--config.model.hidden_dim=64", "--config.model.num_encoder_layers=1",
+         "--config.model.num_decoder_layers=2", "--config.model.dim_feedforward=128",
+         "--config.model.num_queries=12", "--config.data.scale=0.1", "--config.data.fixed_size=(136,136)",
+         "--config.batch_size=2", "--config.log_every_steps=1")
+TRAIN_FLAGS = (*SMALL, "--config.num_train_steps=3", "--config.eval_every_steps=2",
+               "--config.checkpoint_every_steps=2", "--config.eval_batch_size=4", "--config.eval_max_images=4")
+NUM_QUERIES, EVAL_IMAGES = 12, 4
+SPLITS = {"train": 64, "val": 16}   # generated.write_coco_folder's defaults
+
+
+def _env(**extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT), **extra)
+  if "XLA_FLAGS" not in extra:
+    env.pop("XLA_FLAGS", None)
+  return env
+
+
+def run_command(*args, timeout=600, **env):
+  """`python args...` in the repository root; the CompletedProcess (text stdout and stderr)."""
+  return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=_env(**env), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def train_command(workdir, *flags):
+  return ("train.py", "--config", "configs/generated.py", "--workdir", str(workdir), *flags)
+
+
+def _files_digest(directory):
+  """{relative path: sha256} of every file under `directory`."""
+  digests = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return digests
+
+
+def _latest_step(workdir):
+  from detr_jax import training
+  with training.checkpoint_manager(str(workdir)) as manager:
+    return manager.latest_step(), sorted(manager.all_steps())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """(workdir, CompletedProcess) of the README's main job, shrunk to 3 steps."""
+  workdir = tmp_path_factory.mktemp("generated_run") / "workdir"
+  run = run_command(*train_command(workdir, *TRAIN_FLAGS))
+  assert run.returncode == 0, run.stderr[-5000:]
+  return workdir, run
+
+
+def test_train_py_on_generated_config(trained):
+  workdir, run = trained
+  # The generated dataset, written under the workdir as a COCO folder.
+  data = workdir / "generated_data"
+  for split, count in SPLITS.items():
+    annotations = json.loads((data / "annotations" / f"instances_{split}.json").read_text())
+    assert len(annotations["images"]) == count, split
+    assert {c["id"] for c in annotations["categories"]} == {1, 2, 3, 4}
+    assert annotations["annotations"]
+    assert sorted(os.listdir(data / split)) == sorted(image["file_name"] for image in annotations["images"])
+  # The flag overrides reached the model.
+  model_config = json.loads((workdir / "model_config.json").read_text())
+  assert (model_config["hidden_dim"], model_config["num_queries"], model_config["num_classes"],
+          model_config["backbone_depth"]) == (64, NUM_QUERIES, 5, 18)
+
+  # Evaluation every 2 steps and at the end (step 3), nothing else.
+  assert sorted(p.name for p in workdir.iterdir() if p.name.startswith("eval_")) == ["eval_2", "eval_3"]
+  val_ids = sorted(image["id"] for image in
+                   json.loads((data / "annotations" / "instances_val.json").read_text())["images"])
+  metrics = {}
+  for step in (2, 3):
+    metrics[step] = json.loads((workdir / f"eval_{step}" / "metrics.json").read_text())
+    assert set(evaluation.METRIC_NAMES) <= metrics[step].keys()
+    assert metrics[step]["num_images"] == EVAL_IMAGES
+    detections = json.loads((workdir / f"eval_{step}" / "detections.json").read_text())
+    assert len(detections) == EVAL_IMAGES * NUM_QUERIES
+    assert {d["image_id"] for d in detections} == set(val_ids[:EVAL_IMAGES])
+  assert "Evaluation at step 3" in run.stderr and "AR@100" in run.stderr   # the final table is logged
+
+  latest, steps = _latest_step(workdir)
+  assert latest == 3 and 2 in steps
+
+  scalars = summaries.read_scalars(str(workdir))
+  for name in ("loss", "loss_ce", "loss_bbox", "loss_giou", "grad_norm", "lr"):
+    assert sorted(scalars[name]) == [1, 2, 3], name
+    assert all(np.isfinite(v) for v in scalars[name].values()), name
+  assert sorted(scalars["eval/AP"]) == [2, 3]
+  for step in (2, 3):
+    for name in evaluation.METRIC_NAMES:
+      assert scalars[f"eval/{name}"][step] == pytest.approx(metrics[step][name], abs=1e-6), (name, step)
+
+
+def test_porting_export_of_the_workdir(trained, tmp_path):
+  import torch
+  from detr_jax import porting, training
+  workdir, _ = trained
+  out = tmp_path / "out.pth"
+  run = run_command("-m", "detr_jax.porting", "export", str(workdir), str(out))
+  assert run.returncode == 0, run.stderr[-5000:]
+  assert f"Exported {workdir} to {out}" in run.stdout
+  exported = torch.load(out, weights_only=True)["model"]
+  _, variables = training.restore_variables(str(workdir))
+  expected = porting.to_pytorch_state_dict(variables)
+  assert sorted(exported) == sorted(expected)
+  for key, value in expected.items():
+    assert exported[key].dtype == torch.float32, key
+    np.testing.assert_array_equal(exported[key].numpy(), value, err_msg=key)
+
+
+def test_data_check_on_generated_folder(trained):
+  workdir, _ = trained
+  data = workdir / "generated_data"
+  run = run_command("-m", "detr_jax.data.check", str(data), "--split", "val", timeout=300)
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  assert f"{data} / val: {SPLITS['val']} images" in run.stdout
+  assert "Configure num_classes = 5" in run.stdout
+  assert run.stdout.strip().splitlines()[-1] == "No errors."
+
+
+def test_rerun_with_another_seed_is_refused(trained, tmp_path):
+  """A copy of the finished workdir (so that the fixture stays as train.py left it), rerun with
+  the same command but --config.seed=1."""
+  workdir = tmp_path / "workdir"
+  shutil.copytree(trained[0], workdir)
+  before = _files_digest(workdir / "checkpoints")
+  run = run_command(*train_command(workdir, *TRAIN_FLAGS, "--config.seed=1"), timeout=300)
+  assert run.returncode != 0
+  assert f"{workdir} was trained with seed=42; resuming with 1" in run.stderr, run.stderr[-3000:]
+  assert _files_digest(workdir / "checkpoints") == before
+  assert sorted(p.name for p in workdir.iterdir() if p.name.startswith("eval_")) == ["eval_2", "eval_3"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--config.batch_size=3",), "config.batch_size=3 is not a multiple of the 2 devices"),
+    (("--config.batch_size=4", "--config.eval_batch_size=3"), "config.eval_batch_size=3 is not a multiple of the 2 devices"),
+], ids=["batch_size", "eval_batch_size"])
+def test_batch_size_must_divide_over_devices(tmp_path, flags, message):
+  workdir = tmp_path / "workdir"
+  run = run_command(*train_command(workdir, *flags), timeout=300,
+                    XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  assert run.returncode != 0
+  assert message in run.stderr, run.stderr[-3000:]
+  assert not workdir.exists()   # refused before anything is written
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_with_coordinator_flags(trained, tmp_path):
+  """Two train.py processes on localhost (one CPU device each) in one workdir: they train together
+  over a 2-device mesh, and their losses are the 1-process run's (same global batch of 2).
+
+  The device solver: the host matcher refuses multi-device CPU meshes (XLA:CPU deadlocks on host
+  callbacks beside collectives, see matcher.match)."""
+  workdir = tmp_path / "workdir"
+  port = _free_port()
+  flags = (*SMALL, "--config.num_train_steps=2", "--config.checkpoint_every_steps=2", "--config.eval_batch_size=2",
+           "--config.data.eval_split=", "--config.loss.solver=device",
+           "--coordinator_address", f"localhost:{port}", "--num_processes", "2")
+  runs = [subprocess.Popen([sys.executable, *train_command(workdir, *flags), "--process_id", str(i)],
+                           cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
+  try:
+    outputs = [run.communicate(timeout=600) for run in runs]
+  finally:
+    for run in runs:
+      if run.poll() is None:
+        run.kill()
+  for i, (run, (_, stderr)) in enumerate(zip(runs, outputs)):
+    assert run.returncode == 0, f"process {i}:\n{stderr[-5000:]}"
+    assert "global batch 2 on 2 devices" in stderr, f"process {i}"
+  assert _latest_step(workdir)[0] == 2
+  assert not [p for p in workdir.iterdir() if p.name.startswith("eval_")]
+  two, one = summaries.read_scalars(str(workdir)), summaries.read_scalars(str(trained[0]))
+  for name in ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"):
+    assert sorted(two[name]) == [1, 2], name
+    for step in (1, 2):
+      assert two[name][step] == pytest.approx(one[name][step], abs=1e-5), (name, step)
