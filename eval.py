@@ -21,8 +21,8 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from detr_jax import evaluation, porting, system, training
-from detr_jax.data import pipeline
+from detr_jax import evaluation, families, sharding, system
+from detr_jax.data import pipeline, sources
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/detr_r50.py", "Config file (data and eval settings).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "train.py workdir, orbax directory, .pth or .safetensors file.")
@@ -37,21 +37,19 @@ flags.mark_flags_as_required(["checkpoint"])
 def main(argv):
   del argv
   system.retain_freed_host_memory()   # before JAX starts its threads
-  training.quiet_library_logs()
+  system.quiet_library_logs()
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   config = _CONFIG.value
-  mesh = training.create_mesh()
-  model, variables = training.load_model(_CHECKPOINT.value, config.model.dilation, mesh)
-  data_dir = _DATA_DIR.value or config.data.data_dir
-  if not data_dir and config.data.source == "generated":
-    data_dir = training.data_dir(config, _CHECKPOINT.value)
+  mesh = sharding.create_mesh()
+  model, variables = families.load_model(_CHECKPOINT.value, config.model.dilation, mesh)
+  data_dir = _DATA_DIR.value or sources.data_dir(config.data, _CHECKPOINT.value)
   split = _SPLIT.value or config.data.eval_split
   metrics = evaluation.evaluate(model, variables, data_dir, split, config.eval_batch_size,
                                 pipeline.PipelineOptions.from_config(config.data), mesh,
                                 output_dir=_OUTPUT_DIR.value, max_images=_MAX_IMAGES.value,
-                                panoptic=training.evaluates_panoptic(config))
-  print(f"{porting.describe(porting.model_config(model))} on {data_dir}/{split} ({metrics['num_images']} images):")
+                                panoptic=sources.is_panoptic(config.data))
+  print(f"{families.describe(model)} on {data_dir}/{split} ({metrics['num_images']} images):")
   print(evaluation.metrics_table(metrics))
 
 

@@ -26,7 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   system.retain_freed_host_memory()   # before JAX starts its threads
-  training.quiet_library_logs()
+  system.quiet_library_logs()
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

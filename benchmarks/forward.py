@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.timing import interleaved_median_seconds  # noqa: E402
 from detr_jax import porting, system  # noqa: E402
-from tests.conftest import hf_detr  # noqa: E402
+from references.transformers_detr import hf_detr  # noqa: E402
 
 
 def main():

@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from detr_jax import system  # noqa: E402
 from detr_jax.data import coco, pipeline  # noqa: E402
-from tests.conftest import COCO_MINI  # noqa: E402
+from references.coco_mini import COCO_MINI  # noqa: E402
 
 
 def main():

@@ -24,8 +24,9 @@ from transformers.loss.loss_for_object_detection import HungarianMatcher
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.timing import median_seconds  # noqa: E402
-from detr_jax import matcher, system  # noqa: E402
-from tests.conftest import COCO_MINI  # noqa: E402
+from detr_jax import system  # noqa: E402
+from detr_jax.losses import matcher  # noqa: E402
+from references.coco_mini import COCO_MINI  # noqa: E402
 
 
 def main():

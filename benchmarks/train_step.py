@@ -25,8 +25,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.timing import interleaved_median_seconds, minor_page_faults  # noqa: E402
 from configs import detr_r50  # noqa: E402
-from detr_jax import losses, optim, porting, system, training  # noqa: E402
-from tests.conftest import COCO_MINI, coco_targets, coco_train_image_ids, hf_detr  # noqa: E402
+from detr_jax import losses, porting, sharding, system, training  # noqa: E402
+from detr_jax.training import optim  # noqa: E402
+from references.coco_mini import COCO_MINI, coco_targets, coco_train_image_ids  # noqa: E402
+from references.transformers_detr import hf_detr  # noqa: E402
 
 DROPOUT = dict(dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)   # the official model's dropouts
 
@@ -59,10 +61,10 @@ def torch_step_fn(model, pixels, pixel_mask, labels, device):
 def jax_step_fn(state_dict, images, mask, targets, dtype):
   config = detr_r50.get_config()
   model, variables = porting.load_pytorch_checkpoint(state_dict, dtype=dtype)
-  mesh = training.create_mesh()
+  mesh = sharding.create_mesh()
   tx = optim.create(config.optimizer, steps_per_epoch=1000)
   criterion = losses.SetCriterion(num_classes=91, mesh=mesh)
-  metrics_class = training.metric_collection(model.num_decoder_layers)
+  metrics_class = training.metric_collection(losses.term_names(model.num_decoder_layers))
   train_step = training.make_train_step(model, criterion, tx, mesh, metrics_class)
   # Replicated on the mesh as train.py places it; an unplaced state would compile the step twice.
   state = jax.device_put(training.create_train_state(variables, tx, seed=0), NamedSharding(mesh, PartitionSpec()))

@@ -6,6 +6,7 @@ import ml_collections
 def get_config():
   config = ml_collections.ConfigDict()
   config.model = ml_collections.ConfigDict(dict(
+      name="detr",               # the model family (detr_jax/families.py)
       num_classes=91,            # COCO category ids 1..90 index the classifier; "no object" is slot 91.
       num_queries=100,
       hidden_dim=256,

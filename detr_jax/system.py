@@ -44,3 +44,22 @@ def retain_freed_host_memory() -> bool:
   if not applied:
     logging.warning("glibc refused M_ARENA_MAX / M_MMAP_MAX / M_TRIM_THRESHOLD; XLA:CPU steps will page-fault.")
   return applied
+
+
+class _LibraryInfoFilter(logging.Filter):
+  def __init__(self, quiet_dirs):
+    super().__init__()
+    self._quiet_dirs = quiet_dirs
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or not record.pathname.startswith(self._quiet_dirs)
+
+
+def quiet_library_logs() -> None:
+  """Drops the INFO logs of libraries that report every step (orbax logs each save in ~30 lines)
+  from absl's handler, which train.py and eval.py log through."""
+  from absl import logging as absl_logging
+  import jax
+  import orbax.checkpoint as ocp
+  quiet_dirs = tuple(os.path.dirname(module.__file__) for module in (ocp, jax))
+  absl_logging.get_absl_handler().addFilter(_LibraryInfoFilter(quiet_dirs))

@@ -1,31 +1,13 @@
-"""Shared fixtures: the real coco-mini data and reference PyTorch models built from config."""
+"""Shared fixtures: the real coco-mini data and the reference key lists."""
 
-import functools
 import json
-import os
 import pathlib
 
-import numpy as np
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-COCO_MINI = pathlib.Path(os.environ.get("DETR_JAX_COCO_MINI", REPO_ROOT.parent / "shared" / "coco-mini"))
-SHARED_REFERENCE = pathlib.Path(os.environ.get("DETR_JAX_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
-
-# The official normalisation (datasets/coco.py), written here rather than imported from the code under test.
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-
-def require_shared_file(path: pathlib.Path, hint: str) -> None:
-  """Skips the test when shared data is absent; DETR_JAX_REQUIRE_DATA=1 (CI and the README's test
-  command) fails it instead."""
-  if path.is_file():
-    return
-  reason = f"{path} not found: {hint}"
-  if os.environ.get("DETR_JAX_REQUIRE_DATA") == "1":
-    pytest.fail(f"required data missing (DETR_JAX_REQUIRE_DATA=1): {reason}")
-  pytest.skip(reason)
+from references.coco_mini import COCO_MINI
+from references.official_preprocessing import padded_batch
+from tests.helpers import SHARED_REFERENCE, require_shared_file
 
 
 @pytest.fixture(scope="session")
@@ -36,236 +18,15 @@ def coco_mini() -> pathlib.Path:
   return COCO_MINI
 
 
-def official_size(w, h, size, max_size=None):
-  """Transcription of official `get_size_with_aspect_ratio` (datasets/transforms.py)."""
-  if max_size is not None:
-    min_original, max_original = float(min((w, h))), float(max((w, h)))
-    if max_original / min_original * size > max_size:
-      size = int(round(max_size * min_original / max_original))
-  if (w <= h and w == size) or (h <= w and h == size):
-    return (h, w)
-  if w < h:
-    return (int(size * h / w), size)
-  return (size, int(size * w / h))
-
-
-def padded_batch(paths, shorter_side):
-  """Real images resized (PIL bilinear) to `shorter_side`, normalised, zero-padded together.
-
-  Returns images [B, H, W, 3] float32 and pixel_mask [B, H, W] bool (True on real pixels).
-  """
-  from PIL import Image
-  arrays = []
-  for path in paths:
-    image = Image.open(path).convert("RGB")
-    scale = shorter_side / min(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
-    arrays.append((np.asarray(image, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD)
-  height = max(a.shape[0] for a in arrays)
-  width = max(a.shape[1] for a in arrays)
-  images = np.zeros((len(arrays), height, width, 3), np.float32)
-  mask = np.zeros((len(arrays), height, width), bool)
-  for i, a in enumerate(arrays):
-    images[i, :a.shape[0], :a.shape[1]] = a
-    mask[i, :a.shape[0], :a.shape[1]] = True
-  return images, mask
-
-
 @pytest.fixture(scope="session")
 def two_real_images(coco_mini):
   """Two coco-mini val images of different aspect ratios (landscape and portrait), padded together."""
   return padded_batch([coco_mini / "val2017" / "000000000139.jpg", coco_mini / "val2017" / "000000000802.jpg"], 320)
 
 
-def hf_detr(depth=50, dilation=False, num_labels=91, seed=0, segmentation=False, **config_overrides):
-  """transformers' DetrForObjectDetection (or DetrForSegmentation) with random weights, built from
-  config (no hub), eval mode.
-
-  transformers ignores `dilation` for non-timm backbones, so DC5 is applied by hand as torchvision's
-  `replace_stride_with_dilation` does: layer4's strides become 1 and the 3x3 convs of its later
-  blocks get dilation 2 and padding 2.
-  """
-  import torch
-  from transformers import DetrConfig, DetrForObjectDetection, DetrForSegmentation, ResNetConfig
-  torch.manual_seed(seed)
-  layouts = {18: ("basic", [2, 2, 2, 2], [64, 128, 256, 512]), 34: ("basic", [3, 4, 6, 3], [64, 128, 256, 512]),
-             50: ("bottleneck", [3, 4, 6, 3], [256, 512, 1024, 2048]),
-             101: ("bottleneck", [3, 4, 23, 3], [256, 512, 1024, 2048])}
-  layer_type, depths, hidden_sizes = layouts[depth]
-  stages = ["stage1", "stage2", "stage3", "stage4"] if segmentation else ["stage4"]
-  config = DetrConfig(
-      use_timm_backbone=False, use_pretrained_backbone=False, backbone=None, num_labels=num_labels,
-      backbone_config=ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=hidden_sizes,
-                                   out_features=stages), **config_overrides)
-  model = (DetrForSegmentation if segmentation else DetrForObjectDetection)(config)
-  detector = model.detr if segmentation else model
-  if dilation:
-    stage = detector.model.backbone.model.encoder.stages[3]
-    stage.layers[0].shortcut.convolution.stride = (1, 1)
-    stage.layers[0].layer[1].convolution.stride = (1, 1)
-    for block in stage.layers[1:]:
-      block.layer[1].convolution.dilation = (2, 2)
-      block.layer[1].convolution.padding = (2, 2)
-  randomise_parameters(model)
-  return model.eval()
-
-
-def randomise_parameters(model) -> None:
-  """Gives every parameter and statistic of a transformers DETR a non-trivial value, in place.
-
-  HF initialises every Linear with std 0.02 (all boxes nearly equal), biases at 0, LayerNorm and
-  GroupNorm at 1 / 0 and frozen-BN statistics at 0 / 1: a model built that way cannot tell norm2
-  from norm3, or a bias from its absence. PyTorch default inits (as in the official model) for
-  Linear and Embedding, norm weights in [0.7, 1.3], biases N(0, 0.05) and random BN statistics
-  make every parameter visible in the outputs.
-  Raises AssertionError if a 1-D parameter is still all 0 or all 1.
-  """
-  import torch
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-        module.reset_parameters()
-      if hasattr(module, "running_var") and hasattr(module, "running_mean"):
-        module.running_mean.uniform_(-0.1, 0.1)
-        module.running_var.uniform_(0.5, 1.5)
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.uniform_(-0.1, 0.1)
-      elif isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
-        module.weight.uniform_(0.7, 1.3)
-        module.bias.normal_(0, 0.05)
-      elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and module.bias is not None:
-        module.bias.normal_(0, 0.05)
-  trivial = [name for name, value in model.state_dict().items()
-             if value.ndim == 1 and value.numel() > 1 and bool((value == value[0]).all()) and float(value[0]) in (0, 1)]
-  assert not trivial, f"parameters left at 0 or 1: {trivial}"
-
-
-_HF_TO_OFFICIAL_LAYER_MODULES = {
-    # HF module of an encoder / decoder layer -> official module (models/transformer.py).
-    "encoder": {"self_attn": "self_attn", "self_attn_layer_norm": "norm1", "final_layer_norm": "norm2",
-                "mlp.fc1": "linear1", "mlp.fc2": "linear2"},
-    "decoder": {"self_attn": "self_attn", "encoder_attn": "multihead_attn", "self_attn_layer_norm": "norm1",
-                "encoder_attn_layer_norm": "norm2", "final_layer_norm": "norm3", "mlp.fc1": "linear1",
-                "mlp.fc2": "linear2"},
-}
-_HF_TO_OFFICIAL_MODULES = {
-    "model.input_projection": "input_proj", "model.query_position_embeddings": "query_embed",
-    "model.decoder.layernorm": "transformer.decoder.norm", "class_labels_classifier": "class_embed",
-    "bbox_predictor": "bbox_embed", "bbox_attention.q_proj": "bbox_attention.q_linear",
-    "bbox_attention.k_proj": "bbox_attention.k_linear", "mask_head.output_conv": "mask_head.out_lay",
-    "mask_head.conv1.conv": "mask_head.lay1", "mask_head.conv1.norm": "mask_head.gn1",
-    "mask_head.conv2.conv": "mask_head.lay2", "mask_head.conv2.norm": "mask_head.gn2",
-    "model.backbone.position_embedding.row_embeddings": "backbone.1.row_embed",
-    "model.backbone.position_embedding.column_embeddings": "backbone.1.col_embed",
-    "model.position_embedding.row_embeddings": "backbone.1.row_embed",
-    "model.position_embedding.column_embeddings": "backbone.1.col_embed",
-}
-
-
-def _official_resnet_key(path: list[str]) -> str:
-  """torchvision's name of an HF-ResNet parameter, from the parts after `...backbone[.conv_encoder].model.`."""
-  if path[:2] == ["embedder", "embedder"]:
-    return {"convolution": "conv1", "normalization": "bn1"}[path[2]] + "." + path[3]
-  stage, block = int(path[2]) + 1, path[4]
-  if path[5] == "shortcut":
-    return f"layer{stage}.{block}.downsample.{ {'convolution': 0, 'normalization': 1}[path[6]]}.{path[7]}"
-  conv = int(path[6]) + 1
-  return f"layer{stage}.{block}.{ {'convolution': 'conv', 'normalization': 'bn'}[path[7]]}{conv}.{path[8]}"
-
-
-def hf_to_official_by_hand(state_dict) -> dict[str, np.ndarray]:
-  """A transformers DETR state dict (the installed layout; DetrForSegmentation too) renamed to the
-  official keys, written from the official module names independently of `detr_jax.porting`.
-
-  q/k/v projections are stacked into `in_proj_weight` / `in_proj_bias` (rows q, k, v, as in
-  `nn.MultiheadAttention`); `num_batches_tracked` is dropped; DetrForSegmentation's detector keys
-  get the official `detr.` prefix.
-  """
-  official, projections = {}, {}
-  for key, value in state_dict.items():
-    value = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
-    if key.endswith("num_batches_tracked"):
-      continue
-    prefix = "detr." if key.startswith("detr.") else ""
-    parts = key[len(prefix):].split(".")
-    module, leaf = ".".join(parts[:-1]), parts[-1]
-    if parts[:2] == ["model", "backbone"] and "model" in parts[2:4]:
-      name = "backbone.0.body." + _official_resnet_key(parts[parts.index("model", 2) + 1:])
-    elif parts[0] == "model" and parts[1] in ("encoder", "decoder") and parts[2] == "layers":
-      layer_module = ".".join(parts[4:-1])
-      base = f"transformer.{parts[1]}.layers.{parts[3]}."
-      if layer_module.endswith(("q_proj", "k_proj", "v_proj")):
-        attention = _HF_TO_OFFICIAL_LAYER_MODULES[parts[1]][parts[4]]
-        projections.setdefault(f"{prefix}{base}{attention}.in_proj_{leaf}", {})[parts[5][0]] = value
-        continue
-      if layer_module.endswith("o_proj"):
-        name = f"{base}{_HF_TO_OFFICIAL_LAYER_MODULES[parts[1]][parts[4]]}.out_proj.{leaf}"
-      else:
-        name = f"{base}{_HF_TO_OFFICIAL_LAYER_MODULES[parts[1]][layer_module]}.{leaf}"
-    elif parts[:2] == ["mask_head", "fpn_stages"]:
-      stage = int(parts[2])
-      name = {"fpn_adapter": f"mask_head.adapter{stage + 1}", "refine.conv": f"mask_head.lay{stage + 3}",
-              "refine.norm": f"mask_head.gn{stage + 3}"}[".".join(parts[3:-1])] + "." + leaf
-    elif parts[0] == "bbox_predictor":
-      name = f"bbox_embed.layers.{parts[2]}.{leaf}"
-    else:
-      name = f"{_HF_TO_OFFICIAL_MODULES[module]}.{leaf}"
-    official[(prefix if not name.startswith(("bbox_attention", "mask_head")) else "") + name] = value
-  for name, qkv in projections.items():
-    official[name] = np.concatenate([qkv["q"], qkv["k"], qkv["v"]])
-  return official
-
-
-def coco_targets(coco_mini, image_ids, max_boxes=None):
-  """Real targets of coco-mini train images, crowd boxes dropped, padded to `max_boxes`.
-
-  Returns {"labels" [B, T] int32, "boxes" [B, T, 4] cxcywh normalised, "mask" [B, T] bool} and the
-  unpadded per-image lists (labels, boxes) for reference implementations.
-  """
-  data = train_annotations(coco_mini)
-  images = {image["id"]: image for image in data["images"]}
-  per_image = {image_id: [] for image_id in image_ids}
-  for ann in data["annotations"]:
-    if ann["image_id"] in per_image and not ann["iscrowd"]:
-      per_image[ann["image_id"]].append(ann)
-  lists = []
-  for image_id in image_ids:
-    width, height = images[image_id]["width"], images[image_id]["height"]
-    labels = np.array([a["category_id"] for a in per_image[image_id]], np.int32)
-    boxes = np.array([[(x + w / 2) / width, (y + h / 2) / height, w / width, h / height]
-                      for x, y, w, h in (a["bbox"] for a in per_image[image_id])], np.float32).reshape(-1, 4)
-    lists.append((labels, boxes))
-  max_boxes = max_boxes or max(len(l) for l, _ in lists)
-  padded = {"labels": np.zeros((len(lists), max_boxes), np.int32),
-            "boxes": np.zeros((len(lists), max_boxes, 4), np.float32),
-            "mask": np.zeros((len(lists), max_boxes), bool)}
-  for i, (labels, boxes) in enumerate(lists):
-    padded["labels"][i, :len(labels)] = labels
-    padded["boxes"][i, :len(labels)] = boxes
-    padded["mask"][i, :len(labels)] = True
-  return padded, lists
-
-
-@functools.lru_cache(maxsize=None)
-def train_annotations(coco_mini) -> dict:
-  """coco-mini's instances_train2017.json, parsed once per session (callers must not mutate it)."""
-  return json.loads((coco_mini / "annotations" / "instances_train2017.json").read_text())
-
-
-def coco_train_image_ids(coco_mini, count, offset=0):
-  return sorted(image["id"] for image in train_annotations(coco_mini)["images"])[offset:offset + count]
-
-
-def run_on_cpu_devices(script: str, *args: str, devices: int = 8) -> dict:
-  """Runs `script` in a fresh Python with `devices` simulated CPU devices; returns its last line as JSON.
-
-  XLA_FLAGS must be set before JAX starts, hence the subprocess.
-  """
-  import subprocess
-  import sys
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO_ROOT))
-  run = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=REPO_ROOT,
-                       capture_output=True, text=True, timeout=600)
-  assert run.returncode == 0, run.stderr[-3000:]
-  return json.loads(run.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="session")
+def official_shapes():
+  """Every key and shape of the official detr-r50, detr-r50-dc5, detr-r101 and detr-r50-panoptic checkpoints."""
+  path = SHARED_REFERENCE / "official-state-dict-keys.json"
+  require_shared_file(path, "the reference key lists live in ../shared/reference (env DETR_JAX_REFERENCE)")
+  return json.loads(path.read_text())

@@ -6,19 +6,20 @@ the official numbers: depth, DC5, masks, classes and the trainable parameter cou
 """
 
 import importlib
-import pathlib
 
 import flax
 import jax
 import jax.numpy as jnp
 import pytest
 
-from detr_jax import detr, matcher, optim, segmentation
+from detr_jax.losses import matcher
+from detr_jax.models import detr, segmentation
+from detr_jax.training import optim
 from detr_jax.data import generated, pipeline
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 CONFIG_NAMES = sorted(path.stem for path in (REPO_ROOT / "configs").glob("*.py") if path.stem != "__init__")
-# What `training.data_dir` / `training._training_batches` read; any other value would silently be
+# What `data.sources` reads; any other value would silently be
 # read as a COCO folder.
 DATA_SOURCES = ("coco_folder", "coco_panoptic", "generated", "tfds")
 

@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 from detr_jax.data import check, coco, pipeline, transforms
-from tests.conftest import official_size, run_on_cpu_devices
+from references.official_preprocessing import official_size
+from tests.helpers import run_on_cpu_devices
 
 SMALL = pipeline.PipelineOptions(scale=0.25, pad_multiple=32)
 
@@ -46,12 +47,12 @@ def test_eval_boxes_round_trip_to_annotations(coco_mini, val_records):
   dataset = pipeline.eval_dataset(val_records, 8, pipeline.PipelineOptions(scale=0.5), process=(0, 1))
   seen = set()
   for batch in dataset.as_numpy_iterator():
-    for i in np.flatnonzero(batch["example_mask"]):
+    for i in np.flatnonzero(batch["image_valid"]):
       image_id = int(batch["image_id"][i])
       seen.add(image_id)
       height, width = batch["orig_size"][i]
       assert (height, width) == (images[image_id]["height"], images[image_id]["width"])
-      cx, cy, w, h = (batch["boxes"][i][batch["mask"][i]] * [width, height, width, height]).T
+      cx, cy, w, h = (batch["boxes"][i][batch["target_valid"][i]] * [width, height, width, height]).T
       got = np.stack([cx - w / 2, cy - h / 2, w, h], axis=1)
       want = np.array([a["bbox"] for a in expected.get(image_id, []) if not a["iscrowd"]]).reshape(-1, 4)
       np.testing.assert_allclose(got, want, atol=0.5)  # pixels of the original image
@@ -78,7 +79,7 @@ def test_train_batches_are_valid_and_bucketed(train_records):
   for batch in pipeline.train_dataset(train_records, 4, 7, SMALL, process=(0, 1)).take(12).as_numpy_iterator():
     assert batch["image"].shape[1] % 32 == 0 and batch["image"].shape[2] % 32 == 0
     for i in range(4):
-      boxes = batch["boxes"][i][batch["mask"][i]]
+      boxes = batch["boxes"][i][batch["target_valid"][i]]
       xyxy = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], axis=1)
       assert (xyxy >= -1e-6).all() and (xyxy <= 1 + 1e-6).all()  # inside the (cropped) image
       assert (boxes[:, 2:] > 0).all()
@@ -131,7 +132,7 @@ def test_two_processes_read_disjoint_shards(train_records, val_records):
   def eval_ids(process):
     batches = list(pipeline.eval_dataset(val_records, 8, pipeline.PipelineOptions(scale=0.1), process=process)
                    .as_numpy_iterator())
-    return batches, np.concatenate([b["image_id"][b["example_mask"]] for b in batches])
+    return batches, np.concatenate([b["image_id"][b["image_valid"]] for b in batches])
   (batches0, e0), (batches1, e1) = eval_ids((0, 2)), eval_ids((1, 2))
   assert len(batches0) == len(batches1)  # equal step counts on every host
   assert not set(e0) & set(e1) and set(e0) | set(e1) == set(val_records.image_ids.tolist())
@@ -242,13 +243,13 @@ def test_tfds_source_maps_to_category_ids():
     train = list(pipeline.tfds_dataset("train", 2, 0, SMALL, train=True, process=(0, 1)).take(2).as_numpy_iterator())
   assert [int(i) for b in batches for i in b["image_id"]] == [1000 + i for i in range(6)]
   for batch in batches:
-    assert batch["mask"].sum(1).tolist() == [2, 2]  # the crowd box is dropped
+    assert batch["target_valid"].sum(1).tolist() == [2, 2]  # the crowd box is dropped
     np.testing.assert_array_equal(batch["labels"][:, :2], [[1, 13], [1, 13]])  # tfds 0 -> id 1, 11 -> id 13
     h, w = batch["size"][0]
     np.testing.assert_allclose(batch["boxes"][0, 0], [0.4, 0.3, 0.4, 0.4], atol=1e-5)  # cxcywh normalised
     assert batch["image"].shape[1] % 32 == 0
   for batch in train:
-    assert set(batch["labels"][batch["mask"]].tolist()) <= {1, 13}
+    assert set(batch["labels"][batch["target_valid"]].tolist()) <= {1, 13}
 
 
 GLOBAL_BATCH_SCRIPT = """

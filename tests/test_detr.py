@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from detr_jax import detr, porting
-from tests.conftest import hf_detr
+from detr_jax import porting
+from detr_jax.models import detr
+from references.transformers_detr import hf_detr
 
 
 @pytest.fixture(scope="module")

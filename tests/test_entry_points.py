@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from detr_jax import evaluation, summaries
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 # configs/generated.py shrunk so that a step compiles and runs in seconds on 2 cores: the model of
 # tests/test_training.py's tiny_config (ResNet-18, width 64, 1+2 layers, 12 queries) on 136x136
@@ -63,8 +63,8 @@ def _files_digest(directory):
 
 
 def _latest_step(workdir):
-  from detr_jax import training
-  with training.checkpoint_manager(str(workdir)) as manager:
+  from detr_jax import checkpoints
+  with checkpoints.manager(str(workdir)) as manager:
     return manager.latest_step(), sorted(manager.all_steps())
 
 
@@ -121,14 +121,14 @@ def test_train_py_on_generated_config(trained):
 
 def test_porting_export_of_the_workdir(trained, tmp_path):
   import torch
-  from detr_jax import porting, training
+  from detr_jax import families, porting
   workdir, _ = trained
   out = tmp_path / "out.pth"
   run = run_command("-m", "detr_jax.porting", "export", str(workdir), str(out))
   assert run.returncode == 0, run.stderr[-5000:]
   assert f"Exported {workdir} to {out}" in run.stdout
   exported = torch.load(out, weights_only=True)["model"]
-  _, variables = training.restore_variables(str(workdir))
+  _, variables = families.load_model(str(workdir))
   expected = porting.to_pytorch_state_dict(variables)
   assert sorted(exported) == sorted(expected)
   for key, value in expected.items():
@@ -208,3 +208,31 @@ def test_two_processes_with_coordinator_flags(trained, tmp_path):
     assert sorted(two[name]) == [1, 2], name
     for step in (1, 2):
       assert two[name][step] == pytest.approx(one[name][step], abs=1e-5), (name, step)
+
+
+def test_eval_py_reads_every_checkpoint_kind(trained, tmp_path):
+  """eval.py on the train.py workdir, on the official .pth exported from it, on `porting import`'s
+  directory of that .pth and on the same directory in the layout `porting import` wrote before
+  (DIR/variables/, no family name): the same model, so exactly the metrics of the run's final evaluation."""
+  import orbax.checkpoint as ocp
+  from detr_jax import families
+  workdir, _ = trained
+  exported, imported, legacy = tmp_path / "model.pth", tmp_path / "imported", tmp_path / "legacy"
+  assert run_command("-m", "detr_jax.porting", "export", str(workdir), str(exported)).returncode == 0
+  assert run_command("-m", "detr_jax.porting", "import", str(exported), str(imported)).returncode == 0
+  model, variables = families.load_model(str(workdir))
+  legacy.mkdir()
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(str(legacy / "variables"), variables)
+  config = families.model_config(model)
+  del config["name"]
+  (legacy / "model_config.json").write_text(json.dumps(config))
+
+  expected = json.loads((workdir / "eval_3" / "metrics.json").read_text())
+  for checkpoint in (workdir, exported, imported, legacy):
+    out = tmp_path / f"eval_{checkpoint.name}"
+    run = run_command("eval.py", "--config", "configs/generated.py", "--checkpoint", str(checkpoint),
+                      "--data_dir", str(workdir / "generated_data"), "--output_dir", str(out),
+                      "--max_images", str(EVAL_IMAGES), *SMALL, "--config.eval_batch_size=4")
+    assert run.returncode == 0, (checkpoint, run.stderr[-3000:])
+    assert json.loads((out / "metrics.json").read_text()) == expected, checkpoint

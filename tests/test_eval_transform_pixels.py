@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from detr_jax.data import coco, pipeline
-from tests.conftest import official_size
+from references.official_preprocessing import official_size
 
 IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)   # written out, not taken from detr_jax
 IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)

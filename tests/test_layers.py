@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.models.detr import modeling_detr
 
-from detr_jax import backbone, position_encoding, transformer
+from detr_jax.models import backbone, position_encoding, transformer
 
 
 def test_frozen_batchnorm_matches_hf():

@@ -13,22 +13,11 @@ from transformers import DetrConfig, ResNetConfig
 from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss, HungarianMatcher
 
 from detr_jax import losses
-from tests.conftest import coco_targets, coco_train_image_ids
+from references.coco_mini import coco_targets, coco_train_image_ids
+from tests.helpers import as_model_outputs, random_outputs
 
 TOLERANCE = 1e-5
 LAYERS, QUERIES, CLASSES = 6, 100, 91
-
-
-def random_outputs(batch, seed):
-  rng = np.random.default_rng(seed)
-  logits = rng.normal(0, 2, (LAYERS, batch, QUERIES, CLASSES + 1)).astype(np.float32)
-  boxes = (1 / (1 + np.exp(-rng.normal(0, 1.5, (LAYERS, batch, QUERIES, 4))))).astype(np.float32)
-  return logits, boxes
-
-
-def as_model_outputs(logits, boxes):
-  return {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
-          "aux_outputs": [{"pred_logits": l, "pred_boxes": b} for l, b in zip(logits[:-1], boxes[:-1])]}
 
 
 def hf_loss(logits, boxes, target_lists):
@@ -88,12 +77,12 @@ def test_class_error_matches_official_accuracy(batch_targets):
 
 def test_padded_targets_never_leak(batch_targets):
   padded, _ = batch_targets
-  logits, boxes = random_outputs(len(padded["mask"]), seed=2)
+  logits, boxes = random_outputs(len(padded["target_valid"]), seed=2)
   criterion = losses.SetCriterion(num_classes=CLASSES)
   grad_fn = jax.jit(jax.value_and_grad(lambda l, b, t: criterion(as_model_outputs(l, b), t), argnums=(0, 1), has_aux=True))
   (loss, terms), grads = grad_fn(logits, boxes, padded)
   garbage = dict(padded)
-  pad = ~padded["mask"]
+  pad = ~padded["target_valid"]
   garbage["labels"] = np.where(pad, 17, padded["labels"]).astype(np.int32)
   garbage["boxes"] = np.where(pad[..., None], np.float32(np.nan), padded["boxes"])
   (loss2, terms2), grads2 = grad_fn(logits, boxes, garbage)
@@ -106,7 +95,7 @@ def test_padded_targets_never_leak(batch_targets):
 def test_no_targets_anywhere():
   logits, boxes = random_outputs(2, seed=3)
   empty = {"labels": np.zeros((2, 10), np.int32), "boxes": np.zeros((2, 10, 4), np.float32),
-           "mask": np.zeros((2, 10), bool)}
+           "target_valid": np.zeros((2, 10), bool)}
   for solver in ("host", "device"):
     loss, terms = losses.SetCriterion(num_classes=CLASSES, solver=solver)(as_model_outputs(logits, boxes), empty)
     assert np.isfinite(float(loss))

@@ -9,13 +9,15 @@ import scipy.optimize
 import torch
 from transformers.loss import loss_for_object_detection as hf_ops
 
-from detr_jax import box_ops, matcher
-from tests.conftest import coco_targets, coco_train_image_ids, run_on_cpu_devices
+from detr_jax import box_ops
+from detr_jax.losses import matcher
+from references.coco_mini import coco_targets, coco_train_image_ids
+from tests.helpers import run_on_cpu_devices
 
 
 def test_box_ops_match_transformers(coco_mini):
   padded, _ = coco_targets(coco_mini, coco_train_image_ids(coco_mini, 3))
-  real = padded["boxes"][padded["mask"]]
+  real = padded["boxes"][padded["target_valid"]]
   rng = np.random.default_rng(0)
   shifted = np.clip(real + rng.normal(0, 0.05, real.shape), 0.01, 1).astype(np.float32)
   xyxy1 = box_ops.cxcywh_to_xyxy(jnp.asarray(real))
@@ -97,8 +99,8 @@ import json, sys
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from detr_jax import losses
-from tests.conftest import coco_targets, coco_train_image_ids
-from tests.test_losses import as_model_outputs, random_outputs
+from references.coco_mini import coco_targets, coco_train_image_ids
+from tests.helpers import as_model_outputs, random_outputs
 import pathlib
 padded, _ = coco_targets(pathlib.Path(sys.argv[1]), coco_train_image_ids(pathlib.Path(sys.argv[1]), 8), max_boxes=64)
 logits, boxes = random_outputs(8, seed=4)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from detr_jax import porting
-from tests.conftest import hf_detr
+from references.transformers_detr import hf_detr
 
 LOGITS_TOLERANCE = 1e-5
 BOXES_TOLERANCE = 1e-6

@@ -1,13 +1,12 @@
 """The optimiser against the official recipe in torch: AdamW groups, frozen layers, clip, StepLR."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import torch
 
-from detr_jax import optim
+from detr_jax.training import optim
 
 RECIPE = {"lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4, "clip_max_norm": 0.1, "lr_drop_epochs": 2}
 # Larger rates and decay than the recipe, so that each part of the update moves parameters far
@@ -28,8 +27,8 @@ def test_parameter_groups_follow_the_official_freezing():
   assert groups["backbone"]["conv1"]["kernel"] == optim.FROZEN
   assert groups["backbone"]["layer1_0"]["conv1"]["kernel"] == optim.FROZEN
   assert groups["backbone"]["layer2_0"]["conv1"]["kernel"] == optim.BACKBONE
-  assert groups["transformer"]["linear"]["bias"] == optim.TRANSFORMER
-  assert groups["query_embed"] == optim.TRANSFORMER
+  assert groups["transformer"]["linear"]["bias"] == optim.NON_BACKBONE
+  assert groups["query_embed"] == optim.NON_BACKBONE
 
 
 def test_four_steps_equal_torch_adamw_with_clip_and_step_lr():
@@ -46,7 +45,7 @@ def test_four_steps_equal_torch_adamw_with_clip_and_step_lr():
   for name, param in torch_params.items():
     param.requires_grad_(groups[name] != optim.FROZEN)
   trained = lambda group: [p for n, p in torch_params.items() if groups[n] == group]
-  optimizer = torch.optim.AdamW([{"params": trained(optim.TRANSFORMER)},
+  optimizer = torch.optim.AdamW([{"params": trained(optim.NON_BACKBONE)},
                                  {"params": trained(optim.BACKBONE), "lr": LOUD_RECIPE["lr_backbone"]}],
                                 lr=LOUD_RECIPE["lr"], weight_decay=LOUD_RECIPE["weight_decay"])
   scheduler = torch.optim.lr_scheduler.StepLR(optimizer, LOUD_RECIPE["lr_drop_epochs"])

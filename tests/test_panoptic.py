@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from detr_jax import backbone, panoptic_quality, postprocess
 from detr_jax.data import coco_panoptic
-from tests.conftest import require_shared_file
+from detr_jax.evaluation import panoptic_quality
+from detr_jax.models import backbone, postprocess
+from tests.helpers import require_shared_file
 
 THING, STUFF, OTHER_THING = 1, 100, 2
 CATEGORIES = {THING: {"isthing": 1}, OTHER_THING: {"isthing": 1}, STUFF: {"isthing": 0}}
@@ -130,7 +131,6 @@ def test_panoptic_png_round_trip(tmp_path):
 
 def _official_postprocess_segm(pred_masks, processed_sizes, original_sizes):
   """The official PostProcessSegm (models/segmentation.py), written with torch ops as the reference."""
-  import torch
   import torch.nn.functional as F
   max_h, max_w = processed_sizes.max(0)[0].tolist()
   masks = F.interpolate(pred_masks, size=(max_h, max_w), mode="bilinear", align_corners=False)

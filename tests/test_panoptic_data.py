@@ -8,7 +8,7 @@ import tensorflow as tf
 from PIL import Image
 
 from detr_jax.data import coco_panoptic, pipeline, transforms
-from tests.conftest import require_shared_file
+from tests.helpers import require_shared_file
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_segments_become_masks_labels_and_boxes(coco_mini, panoptic_records):
     rgb = np.asarray(Image.open(coco_mini / "annotations" / "panoptic_train2017" / annotation["file_name"]), np.int64)
     ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
     segments = annotation["segments_info"]
-    np.testing.assert_array_equal(example["masks"].numpy(), ids[None] == np.array([s["id"] for s in segments])[:, None, None])
+    np.testing.assert_array_equal(example["segment_masks"].numpy(), ids[None] == np.array([s["id"] for s in segments])[:, None, None])
     np.testing.assert_array_equal(example["labels"].numpy(), [s["category_id"] for s in segments])
     # The annotation's [x, y, w, h] is the tight box: official masks_to_boxes gives x + w - 1 as x_max.
     expected = np.array([[x, y, x + w - 1, y + h - 1] for x, y, w, h in (s["bbox"] for s in segments)], np.float32)
@@ -44,7 +44,7 @@ def test_augmentations_move_masks_with_boxes(panoptic_records):
   for index in range(6):
     example = load(index)
     flipped = transforms.resize(transforms.horizontal_flip(example), 300, 500)
-    masks, boxes = flipped["masks"].numpy(), flipped["boxes"].numpy()
+    masks, boxes = flipped["segment_masks"].numpy(), flipped["boxes"].numpy()
     assert masks.shape[1:] == tuple(flipped["image"].shape[:2])
     # The official boxes of masks hold the last pixel index, which a flip (x -> W - x) moves by
     # 1 px against the flipped mask; boxes scale continuously, masks by nearest neighbour. A mask
@@ -52,7 +52,7 @@ def test_augmentations_move_masks_with_boxes(panoptic_records):
     np.testing.assert_allclose(coco_panoptic.masks_to_boxes(masks).numpy(), boxes, atol=3.0)
     for k in range(4):
       augmented = transforms.train_augment(example, tf.constant([index, k]), scale=0.5)
-      masks, boxes = augmented["masks"].numpy(), augmented["boxes"].numpy()
+      masks, boxes = augmented["segment_masks"].numpy(), augmented["boxes"].numpy()
       assert masks.shape[1:] == tuple(augmented["image"].shape[:2]) and len(masks) == len(boxes)
       present = masks.any(axis=(1, 2))
       from_masks = coco_panoptic.masks_to_boxes(masks[present]).numpy()
@@ -64,7 +64,7 @@ def test_augmentations_move_masks_with_boxes(panoptic_records):
 def test_panoptic_batches_pad_masks_with_the_images(panoptic_records):
   options = pipeline.PipelineOptions(scale=0.25, pad_multiple=32, max_boxes=60)
   batch = next(pipeline.train_dataset(panoptic_records, 2, 0, options, process=(0, 1)).as_numpy_iterator())
-  assert batch["masks"].shape == (2, 60, *batch["image"].shape[1:3])
-  assert not batch["masks"][~batch["mask"]].any()
-  assert not (batch["masks"] & ~batch["pixel_mask"][:, None]).any()   # no segment in the padding
-  assert all(batch["masks"][i, t].any() for i, t in zip(*np.nonzero(batch["mask"])))
+  assert batch["segment_masks"].shape == (2, 60, *batch["image"].shape[1:3])
+  assert not batch["segment_masks"][~batch["target_valid"]].any()
+  assert not (batch["segment_masks"] & ~batch["pixel_mask"][:, None]).any()   # no segment in the padding
+  assert all(batch["segment_masks"][i, t].any() for i, t in zip(*np.nonzero(batch["target_valid"])))

@@ -6,7 +6,6 @@ of `porting`'s rules); the Hugging Face rules by the outputs of the transformers
 Output tolerances as in test_model_parity: logits 1e-5, boxes 1e-6 (measured ~2e-6 and 1.2e-7).
 """
 
-import json
 import re
 
 import jax
@@ -15,30 +14,13 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from detr_jax import porting
-from tests.conftest import SHARED_REFERENCE, hf_detr, hf_to_official_by_hand, require_shared_file
+from detr_jax import families, porting
+from detr_jax.models import detr
+from detr_jax.porting import cli
+from references.transformers_detr import hf_detr, hf_to_official_by_hand
+from tests.helpers import assert_same_state_dict, random_state_dict
 
-OFFICIAL_KEYS = SHARED_REFERENCE / "official-state-dict-keys.json"
 LOGITS_TOLERANCE, BOXES_TOLERANCE = 1e-5, 1e-6
-
-
-@pytest.fixture(scope="module")
-def official_shapes():
-  """Every key and shape of the official detr-r50, detr-r50-dc5, detr-r101 checkpoints."""
-  require_shared_file(OFFICIAL_KEYS, "the reference key list lives in ../shared/reference")
-  return json.loads(OFFICIAL_KEYS.read_text())
-
-
-def random_state_dict(shapes, seed=0):
-  rng = np.random.default_rng(seed)
-  return {key: rng.normal(size=shape).astype(np.float32) for key, shape in shapes.items()}
-
-
-def assert_same_state_dict(actual, expected):
-  assert sorted(actual) == sorted(expected)
-  for key in expected:
-    assert actual[key].shape == expected[key].shape, key
-    np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
 
 
 @pytest.mark.parametrize("name,dilation,depth", [("detr-r50", False, 50), ("detr-r50-dc5", True, 50),
@@ -204,10 +186,10 @@ def test_cli_round_trip(official_shapes, tmp_path):
   official = random_state_dict(official_shapes["detr-r50"], seed=5)
   source = tmp_path / "detr-r50.pth"
   torch.save({"model": {k: torch.from_numpy(v) for k, v in official.items()}}, source)
-  assert porting.main(["import", str(source), str(tmp_path / "ckpt"), "--dilation"]) == 0
-  model, _ = porting.load_checkpoint(tmp_path / "ckpt")
+  assert cli.main(["import", str(source), str(tmp_path / "ckpt"), "--dilation"]) == 0
+  model, _ = families.load_model(str(tmp_path / "ckpt"))
   assert model.dilation and model.backbone_depth == 50
-  assert porting.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "back.pth")]) == 0
+  assert cli.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "back.pth")]) == 0
   exported = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
   assert_same_state_dict({k: v.numpy() for k, v in exported.items()}, official)
 
@@ -216,10 +198,10 @@ def test_cli_writes_nothing_on_error(official_shapes, tmp_path, capsys):
   state_dict = {k: torch.from_numpy(v) for k, v in random_state_dict(official_shapes["detr-r50"]).items()}
   del state_dict["input_proj.bias"]
   torch.save(state_dict, tmp_path / "broken.pth")
-  assert porting.main(["import", str(tmp_path / "broken.pth"), str(tmp_path / "out")]) == 1
+  assert cli.main(["import", str(tmp_path / "broken.pth"), str(tmp_path / "out")]) == 1
   assert "missing keys:\n  input_proj.bias" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
-  assert porting.main(["import", str(tmp_path / "absent.pth"), str(tmp_path / "out")]) == 1
+  assert cli.main(["import", str(tmp_path / "absent.pth"), str(tmp_path / "out")]) == 1
   assert "No checkpoint file" in capsys.readouterr().err
 
 
@@ -230,7 +212,7 @@ def test_hf_export_equals_the_imported_state_dict(depth, segmentation, position)
                       position_embedding_type=position)
   original = {k: v.numpy() for k, v in reference.state_dict().items()}
   model, variables = porting.load_pytorch_checkpoint(reference.state_dict())
-  assert sorted(porting.hf_model(porting.model_config(model)).state_dict()) == sorted(original)
+  assert sorted(porting.hf_model(detr.model_config(model)).state_dict()) == sorted(original)
   assert_same_state_dict(porting.to_hf_state_dict(variables, original.keys()), original)
 
 
@@ -247,8 +229,8 @@ def test_hf_export_cli_gives_a_from_pretrained_directory(two_real_images, tmp_pa
   reference = hf_detr(18, segmentation=True, num_labels=250, seed=7)
   torch.save({"model": {k: torch.from_numpy(v) for k, v in hf_to_official_by_hand(reference.state_dict()).items()}},
              tmp_path / "official.pth")
-  assert porting.main(["import", str(tmp_path / "official.pth"), str(tmp_path / "ckpt")]) == 0
-  assert porting.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--hf"]) == 0
+  assert cli.main(["import", str(tmp_path / "official.pth"), str(tmp_path / "ckpt")]) == 0
+  assert cli.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--hf"]) == 0
   exported = DetrForSegmentation.from_pretrained(str(tmp_path / "hf")).eval()
   expected, actual = transformers_outputs(reference, images, mask), transformers_outputs(exported, images, mask)
   for name, tolerance in (("logits", LOGITS_TOLERANCE), ("pred_boxes", BOXES_TOLERANCE), ("pred_masks", 1e-5)):
@@ -265,7 +247,7 @@ def test_hf_export_refuses_dc5(official_shapes, capsys):
 def test_pre_norm_is_read_from_the_keys(two_real_images):
   """A pre-norm DETR (official --pre_norm: an encoder final norm, `transformer.encoder.norm`) is
   recognised from its keys and ports back with the same outputs; a post-norm one is not pre-norm."""
-  from detr_jax import detr
+  from detr_jax.models import detr
   images, mask = two_real_images
   for pre_norm in (True, False):
     model = detr.DETR(backbone_depth=18, hidden_dim=64, num_encoder_layers=1, num_decoder_layers=2,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from detr_jax import postprocess
+from detr_jax.models import postprocess
 
 NUM_PANOPTIC_CLASSES = 250                         # the official panoptic head: 250 classes + "no object"
 THING_IDS = frozenset(range(91))                   # official is_thing_map: ids <= 90 are things

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from detr_jax import porting
-from tests.conftest import hf_detr
-from tests.test_porting import assert_same_state_dict, official_shapes, random_state_dict  # noqa: F401 (fixture)
+from references.transformers_detr import hf_detr
+from tests.helpers import assert_same_state_dict, random_state_dict
 
 
 @pytest.mark.parametrize("depth", [50, 18])
@@ -67,7 +67,7 @@ def test_mask_losses_and_gradients_match_transformers(coco_mini):
   from transformers import DetrConfig, ResNetConfig
   from transformers.loss.loss_for_object_detection import ForSegmentationLoss
   from detr_jax import losses
-  from tests.conftest import coco_train_image_ids
+  from references.coco_mini import coco_train_image_ids
   size, mask_size, num_queries, max_targets = (96, 128), (24, 32), 50, 50
   per_image = _instance_masks(coco_mini, coco_train_image_ids(coco_mini, 3), size)
   rng = np.random.default_rng(0)
@@ -84,10 +84,11 @@ def test_mask_losses_and_gradients_match_transformers(coco_mini):
   (ref_terms["loss_mask"] + ref_terms["loss_dice"]).backward()
 
   targets = {"labels": np.zeros((3, max_targets), np.int32), "boxes": np.zeros((3, max_targets, 4), np.float32),
-             "mask": np.zeros((3, max_targets), bool), "masks": np.zeros((3, max_targets, *size), bool)}
+             "target_valid": np.zeros((3, max_targets), bool),
+             "segment_masks": np.zeros((3, max_targets, *size), bool)}
   for i, (l, b, m) in enumerate(per_image):
-    targets["labels"][i, :len(l)], targets["boxes"][i, :len(l)], targets["mask"][i, :len(l)] = l, b, True
-    targets["masks"][i, :len(l)] = m
+    targets["labels"][i, :len(l)], targets["boxes"][i, :len(l)], targets["target_valid"][i, :len(l)] = l, b, True
+    targets["segment_masks"][i, :len(l)] = m
   criterion = losses.SetCriterion(num_classes=91)
 
   def mask_terms(pred_masks):

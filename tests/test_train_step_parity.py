@@ -17,8 +17,11 @@ import numpy as np
 import torch
 from transformers.loss.loss_for_object_detection import HungarianMatcher, ImageLoss
 
-from detr_jax import losses, optim, porting, training
-from tests.conftest import coco_targets, coco_train_image_ids, hf_detr, hf_to_official_by_hand, padded_batch
+from detr_jax import losses, porting, sharding, training
+from detr_jax.training import optim
+from references.coco_mini import coco_targets, coco_train_image_ids
+from references.official_preprocessing import padded_batch
+from references.transformers_detr import hf_detr, hf_to_official_by_hand
 
 # The official rates and clip. Weight decay 0.1 instead of 1e-4: the official decay moves a parameter
 # by lr * 1e-4 * p, below float32 resolution in one step, so the test could not see it.
@@ -81,7 +84,8 @@ def test_one_training_step_equals_pytorch(coco_mini):
 
   tx = optim.create(OPTIMIZER, steps_per_epoch=10)
   criterion = losses.SetCriterion(num_classes=91, eos_coef=0.1, solver="host")
-  train_step = training.make_train_step(model, criterion, tx, training.create_mesh(), training.metric_collection(1))
+  train_step = training.make_train_step(model, criterion, tx, sharding.create_mesh(),
+                                         training.metric_collection(losses.term_names(1)))
   state = training.create_train_state(variables, tx, seed=0)
   state, step_metrics, loss = train_step(state, {"image": images, "pixel_mask": mask, **targets})
   step_metrics = jax.device_get(step_metrics.compute())

@@ -17,21 +17,13 @@ import numpy as np
 import pytest
 
 from configs import coco_mini_cpu
-from detr_jax import evaluation, postprocess, summaries, training
+from detr_jax import checkpoints, evaluation, families, sharding, summaries, training
 from detr_jax.data import pipeline
-from tests.conftest import REPO_ROOT, hf_detr, require_shared_file, run_on_cpu_devices
+from detr_jax.models import postprocess
+from references.transformers_detr import hf_detr
+from tests.helpers import (LOSS_TERMS, REPO_ROOT, instrumented_train_step, require_shared_file, run_on_cpu_devices,
+                           tiny_config)
 
-LOSS_TERMS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0")
-
-
-def tiny_config(data_dir, **overrides):
-  """coco_mini_cpu shrunk: 1 encoder and 2 decoder layers of width 64, 12 queries, 136x136 batches."""
-  config = coco_mini_cpu.get_config()
-  config.model.update(hidden_dim=64, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=128, num_queries=12)
-  config.data.update(data_dir=str(data_dir), scale=0.1, fixed_size=(136, 136), eval_split="")
-  config.loss.solver = "device"
-  config.update({**dict(batch_size=8, eval_batch_size=8, log_every_steps=1, checkpoint_every_steps=2), **overrides})
-  return config
 
 
 TRAIN_SCRIPT = """
@@ -42,14 +34,14 @@ args = json.loads(sys.argv[1])
 if "process_id" in args:
   jax.distributed.initialize(f"localhost:{args['port']}", args["num_processes"], args["process_id"])
 from detr_jax import summaries, training
-from tests.test_training import LOSS_TERMS, _instrumented_train_step, tiny_config
+from tests.helpers import LOSS_TERMS, instrumented_train_step, tiny_config
 calls = []
 def on_call(index, batch):
   calls.append(index)
   if index == args.get("sigterm_at_call") and jax.process_index() == args.get("sigterm_process"):
     os.kill(os.getpid(), signal.SIGTERM)   # the preemption notice reaches one host
   return batch
-_instrumented_train_step(pytest.MonkeyPatch(), on_call)
+instrumented_train_step(pytest.MonkeyPatch(), on_call)
 config = tiny_config(args["data_dir"], num_train_steps=args.get("steps", 2),
                      checkpoint_every_steps=args.get("checkpoint_every_steps", 2))
 state = training.train_and_evaluate(config, args["workdir"])
@@ -70,8 +62,8 @@ def _assert_same_losses(a, b, atol, grad_norm_rtol=1e-6):
 
 def _max_parameter_difference(workdir_a, workdir_b) -> float:
   """Largest |difference| between the final variables of two training workdirs."""
-  _, a = training.restore_variables(str(workdir_a))
-  _, b = training.restore_variables(str(workdir_b))
+  _, a = families.load_model(str(workdir_a))
+  _, b = families.load_model(str(workdir_b))
   return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), a, b)))
 
 
@@ -123,25 +115,10 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(coco_mini, 
   preempted = _train_on_two_processes(**run, steps=40, sigterm_process=1, sigterm_at_call=3)
   saved = preempted[0]["step"]
   assert [out["step"] for out in preempted] == [saved, saved] and 3 <= saved < 40
-  with training.checkpoint_manager(run["workdir"]) as manager:
+  with checkpoints.manager(run["workdir"]) as manager:
     assert manager.latest_step() == saved   # periodic saves are 1000 steps apart
   resumed = _train_on_two_processes(**run, steps=saved + 2)
   assert [(out["step"], out["calls"]) for out in resumed] == [(saved + 2, 2), (saved + 2, 2)]
-
-
-def _instrumented_train_step(monkeypatch, on_call):
-  """Wraps training.make_train_step so that on_call(call_index, batch) -> batch sees each step."""
-  original = training.make_train_step
-
-  def make(*args):
-    step_fn = original(*args)
-    calls = []
-
-    def wrapped(state, batch):
-      calls.append(None)
-      return step_fn(state, on_call(len(calls), batch))
-    return wrapped
-  monkeypatch.setattr(training, "make_train_step", make)
 
 
 def test_sigterm_then_resume_equals_uninterrupted_run(coco_mini, tmp_path, monkeypatch):
@@ -155,14 +132,14 @@ def test_sigterm_then_resume_equals_uninterrupted_run(coco_mini, tmp_path, monke
     if index == run["kill_at"]:
       os.kill(os.getpid(), signal.SIGTERM)   # preemption arrives during step 3
     return batch
-  _instrumented_train_step(monkeypatch, on_call)
+  instrumented_train_step(monkeypatch, on_call)
   handler = signal.getsignal(signal.SIGTERM)
 
   training.train_and_evaluate(config, str(tmp_path / "full"))
   run.update(name="split", kill_at=3)
   training.train_and_evaluate(config, str(tmp_path / "split"))
   assert signal.getsignal(signal.SIGTERM) == handler
-  with training.checkpoint_manager(str(tmp_path / "split")) as manager:
+  with checkpoints.manager(str(tmp_path / "split")) as manager:
     assert manager.latest_step() == 3
   run["kill_at"] = None
   training.train_and_evaluate(config, str(tmp_path / "split"))
@@ -173,21 +150,21 @@ def test_sigterm_then_resume_equals_uninterrupted_run(coco_mini, tmp_path, monke
     assert sorted(full[term]) == sorted(split[term]) == list(range(1, 7))
     np.testing.assert_allclose([split[term][s] for s in range(1, 7)], [full[term][s] for s in range(1, 7)],
                                rtol=0, atol=1e-6, err_msg=term)
-  _, full_variables = training.restore_variables(str(tmp_path / "full"))
-  _, split_variables = training.restore_variables(str(tmp_path / "split"))
+  _, full_variables = families.load_model(str(tmp_path / "full"))
+  _, split_variables = families.load_model(str(tmp_path / "split"))
   differences = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), full_variables, split_variables))
   assert max(differences) <= 1e-6
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(coco_mini, tmp_path, monkeypatch):
   config = tiny_config(coco_mini, batch_size=2, num_train_steps=6, checkpoint_every_steps=2)
-  _instrumented_train_step(monkeypatch, lambda index, batch: {**batch, "image": batch["image"] * jnp.nan}
+  instrumented_train_step(monkeypatch, lambda index, batch: {**batch, "image": batch["image"] * jnp.nan}
                            if index == 3 else batch)
   with pytest.raises(training.NonFiniteLossError, match="Loss is nan at step 3.*step 2"):
     training.train_and_evaluate(config, str(tmp_path))
-  with training.checkpoint_manager(str(tmp_path)) as manager:
+  with checkpoints.manager(str(tmp_path)) as manager:
     assert max(manager.all_steps()) == 2   # orbax also keeps its first save, at step 1
-  _, variables = training.restore_variables(str(tmp_path))
+  _, variables = families.load_model(str(tmp_path))
   assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(variables))
 
 
@@ -196,12 +173,12 @@ def test_evaluation_of_ground_truth_boxes_scores_one(coco_mini):
   def ground_truth_predictions(variables, batch):
     del variables
     num_classes = 91
-    labels = jnp.where(batch["mask"], batch["labels"], num_classes)
+    labels = jnp.where(batch["target_valid"], batch["labels"], num_classes)
     outputs = {"pred_logits": 30.0 * jax.nn.one_hot(labels, num_classes + 1), "pred_boxes": batch["boxes"]}
     return dict(zip(("scores", "labels", "boxes"), postprocess.detections(outputs, batch["orig_size"])))
 
   metrics = evaluation.evaluate(None, {}, str(coco_mini), "val2017", 8, pipeline.PipelineOptions(scale=0.25,
-                                max_boxes=50), training.create_mesh(), max_images=40,
+                                max_boxes=50), sharding.create_mesh(), max_images=40,
                                 predict_fn=jax.jit(ground_truth_predictions))
   assert metrics["num_images"] == 40
   # Boxes were clipped to the image and stored in float32: IoU with the annotations is ~1, not exactly 1.
@@ -224,7 +201,7 @@ def _coco_stats(annotation_path, results_path, iou_type, image_ids):
 def _assert_files_rescore_to_metrics(out, coco_mini, split, image_ids):
   """detections.json, segmentations.json and panoptic.json + PNGs, scored again by pycocotools and
   pq_compute straight from the files, give metrics.json."""
-  from detr_jax import panoptic_quality
+  from detr_jax.evaluation import panoptic_quality
   metrics = json.loads((out / "metrics.json").read_text())
   annotations = coco_mini / "annotations"
   for results, iou_type, names in (("detections.json", "bbox", evaluation.METRIC_NAMES),
@@ -254,8 +231,8 @@ def test_evaluation_of_ground_truth_segments(coco_mini, tmp_path):
   """
   def ground_truth_predictions(variables, batch):
     del variables
-    labels = jnp.where(batch["mask"], batch["labels"], 250)
-    pred_logits, pred_masks = 30.0 * jax.nn.one_hot(labels, 251), jnp.where(batch["masks"], 10.0, -10.0)
+    labels = jnp.where(batch["target_valid"], batch["labels"], 250)
+    pred_logits, pred_masks = 30.0 * jax.nn.one_hot(labels, 251), jnp.where(batch["segment_masks"], 10.0, -10.0)
     scores, labels, boxes = postprocess.detections({"pred_logits": pred_logits, "pred_boxes": batch["boxes"]},
                                                    batch["orig_size"])
     return {"scores": scores, "labels": labels, "boxes": boxes, "pred_logits": pred_logits, "pred_masks": pred_masks,
@@ -265,9 +242,9 @@ def test_evaluation_of_ground_truth_segments(coco_mini, tmp_path):
   out = tmp_path / "out"
   # One image per batch, no padding: the padded mask map is exactly the processed image.
   options = pipeline.PipelineOptions(scale=1.0, max_boxes=100, pad_multiple=1)
-  metrics = evaluation.evaluate(None, {}, str(coco_mini), "train2017", 1, options, training.create_mesh(),
+  metrics = evaluation.evaluate(None, {}, str(coco_mini), "train2017", 1, options, sharding.create_mesh(),
                                 output_dir=str(out), max_images=6, predict_fn=jax.jit(ground_truth_predictions),
-                                panoptic=True, target_masks=True)
+                                panoptic=True, keep_segment_masks=True)
   panoptic_json = json.loads((coco_mini / "annotations" / "panoptic_train2017.json").read_text())
   image_ids = sorted(a["image_id"] for a in panoptic_json["annotations"])[:6]
   assert metrics["num_images"] == len(image_ids) == 6
@@ -347,7 +324,8 @@ def _flat(variables):
 def test_initialisation_from_detr_and_torchvision_checkpoints(tmp_path):
   import torch
   from configs import detr_r50
-  from detr_jax import detr, porting
+  from detr_jax import porting
+  from detr_jax.models import detr
   reference = hf_detr(depth=18, seed=5)
   checkpoint = tmp_path / "detr.pth"
   torch.save({"model": reference.state_dict()}, checkpoint)
@@ -356,15 +334,15 @@ def test_initialisation_from_detr_and_torchvision_checkpoints(tmp_path):
   config.model.backbone_depth = 18
   config.init.checkpoint = str(checkpoint)
 
-  loaded = _flat(training.initial_variables(config, detr.from_config(config.model)))
+  loaded = _flat(training.initial_variables(config, families.build_model(config.model)))
   assert loaded.keys() == _flat(ported).keys()
   assert all(np.array_equal(loaded[k], v) for k, v in _flat(ported).items())
 
   config.model.num_classes = 5
   with pytest.raises(porting.CheckpointMismatchError, match="reset_class_head"):
-    training.initial_variables(config, detr.from_config(config.model))
+    training.initial_variables(config, families.build_model(config.model))
   config.init.reset_class_head = True
-  reset = _flat(training.initial_variables(config, detr.from_config(config.model)))
+  reset = _flat(training.initial_variables(config, families.build_model(config.model)))
   assert reset[("params", "class_embed", "kernel")].shape == (256, 6)
   assert all(np.array_equal(reset[k], v) for k, v in _flat(ported).items() if "class_embed" not in k)
 
@@ -373,8 +351,8 @@ def test_initialisation_from_detr_and_torchvision_checkpoints(tmp_path):
   torch.save({k[len(prefix):]: torch.from_numpy(np.array(v)) for k, v in porting.to_pytorch_state_dict(ported).items()
               if k.startswith(prefix)}, backbone_file)
   config.init.update(checkpoint="", backbone_checkpoint=str(backbone_file), reset_class_head=False)
-  fresh = _flat(detr.init_variables(detr.from_config(config.model), jax.random.PRNGKey(config.seed)))
-  with_backbone = _flat(training.initial_variables(config, detr.from_config(config.model)))
+  fresh = _flat(detr.init_variables(families.build_model(config.model), jax.random.PRNGKey(config.seed)))
+  with_backbone = _flat(training.initial_variables(config, families.build_model(config.model)))
   for key, value in with_backbone.items():
     expected = _flat(ported)[key] if key[1] == "backbone" else fresh[key]
     assert np.array_equal(value, expected), key
@@ -383,7 +361,8 @@ def test_initialisation_from_detr_and_torchvision_checkpoints(tmp_path):
 def test_panoptic_mask_head_trains_on_a_frozen_detector(coco_mini, tmp_path):
   """The panoptic recipe on coco-mini's panoptic annotations: only bbox_attention and the mask head
   move, and the final evaluation reports box AP, mask AP and PQ."""
-  from detr_jax import detr, porting, segmentation
+  from detr_jax import porting
+  from detr_jax.models import detr, segmentation
   require_shared_file(coco_mini / "annotations" / "panoptic_train2017.json", "coco-mini's panoptic annotations")
   config = tiny_config(coco_mini, batch_size=2, num_train_steps=2)
   config.model.update(masks=True, num_classes=250)
@@ -391,15 +370,16 @@ def test_panoptic_mask_head_trains_on_a_frozen_detector(coco_mini, tmp_path):
   config.update(eval_max_images=2, eval_batch_size=2)
   config.optimizer.train_mask_head_only = True
   config.loss.solver = "host"
-  model = detr.from_config(config.model)
-  box_model = detr.from_config({**config.model, "masks": False})
+  model = families.build_model(config.model)
+  box_model = families.build_model({**config.model, "masks": False})
   box_checkpoint = str(tmp_path / "box.pth")
-  porting.save_pytorch_checkpoint(detr.init_variables(box_model, jax.random.PRNGKey(7)), box_checkpoint)
+  porting.save_pytorch_checkpoint(porting.to_pytorch_state_dict(detr.init_variables(box_model, jax.random.PRNGKey(7))),
+                                  box_checkpoint)
   config.init.checkpoint = box_checkpoint
   start = _flat(training.initial_variables(config, model))
 
   training.train_and_evaluate(config, str(tmp_path / "run"))
-  _, trained = training.restore_variables(str(tmp_path / "run"))
+  _, trained = families.load_model(str(tmp_path / "run"))
   trained = _flat(trained)
   assert trained.keys() == start.keys()
   for key, value in trained.items():
@@ -418,8 +398,11 @@ def test_panoptic_mask_head_trains_on_a_frozen_detector(coco_mini, tmp_path):
 def test_the_training_step_draws_dropout(coco_mini):
   """The jitted step trains with dropout: its loss differs from the deterministic loss of the same
   parameters and batch, and another seed gives another loss (dropout 0.1, real images and targets)."""
-  from detr_jax import detr, losses, optim
-  from tests.conftest import coco_targets, coco_train_image_ids, padded_batch
+  from detr_jax import losses
+  from detr_jax.models import detr
+  from detr_jax.training import optim
+  from references.coco_mini import coco_targets, coco_train_image_ids
+  from references.official_preprocessing import padded_batch
   image_ids = coco_train_image_ids(coco_mini, 2)
   images, mask = padded_batch([coco_mini / "train2017" / f"{i:012d}.jpg" for i in image_ids], 128)
   batch = {"image": images, "pixel_mask": mask, **coco_targets(coco_mini, image_ids)[0]}
@@ -428,7 +411,8 @@ def test_the_training_step_draws_dropout(coco_mini):
   variables = detr.init_variables(model, jax.random.PRNGKey(0))
   criterion = losses.SetCriterion(num_classes=91, solver="host")
   tx = optim.create(coco_mini_cpu.get_config().optimizer, steps_per_epoch=10)
-  train_step = training.make_train_step(model, criterion, tx, training.create_mesh(), training.metric_collection(2))
+  train_step = training.make_train_step(model, criterion, tx, sharding.create_mesh(),
+                                         training.metric_collection(losses.term_names(2)))
   # Each state gets its own copy of the variables: the step donates the state's buffers.
   step_losses = [float(train_step(training.create_train_state(jax.tree.map(jnp.array, variables), tx, seed), batch)[2])
                  for seed in (0, 1)]

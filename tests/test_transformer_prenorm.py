@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from detr_jax import porting, transformer
+from detr_jax.models import transformer
+from detr_jax.porting import official
 
 D, HEADS, FFN, LAYERS = 32, 4, 64, 2
 
@@ -91,7 +92,7 @@ def test_pre_norm_transformer_matches_official_forward_pre():
   # Fill the Flax tree through the porter's key map, as a checkpoint import does.
   torch_state = {f"transformer.{k}": v.numpy() for k, v in reference.state_dict().items()}
   as_submodule = {("params", "transformer", *path[1:]): leaf.shape for path, leaf in shapes.items()}
-  filled = porting._fill(as_submodule, torch_state, "the pre-norm transformer")
+  filled = official.fill(as_submodule, torch_state, "the pre-norm transformer")
   params = flax.traverse_util.unflatten_dict({path[:1] + path[2:]: value for path, value in filled.items()})
   hs, memory = module.apply(params, src, padding_mask, pos, query_pos)
   np.testing.assert_allclose(memory, ref_memory.transpose(0, 1).numpy(), atol=1e-5, rtol=0)

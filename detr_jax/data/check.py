@@ -61,7 +61,7 @@ def main(argv=None) -> int:
   dataset = pipeline.eval_dataset(records, args.batch_size, options, process=(0, 1))
   start, seen = time.perf_counter(), 0
   for batch in dataset.ignore_errors().as_numpy_iterator():
-    seen += int(batch["example_mask"].sum())
+    seen += int(batch["image_valid"].sum())
   elapsed = time.perf_counter() - start
   print(f"Pipeline (eval transform, scale {args.scale}): {seen} images in {elapsed:.1f} s, "
         f"{seen / elapsed:.1f} images/s")

@@ -3,10 +3,10 @@
 A batch (per host) is a dict of numpy arrays:
   image [b, H, W, 3] float32 (ImageNet-normalised, zero padding), pixel_mask [b, H, W] bool
   (True on real pixels), labels [b, T] int32 (category ids), boxes [b, T, 4] float32 cxcywh
-  normalised to the unpadded image, mask [b, T] bool (real targets), image_id [b] int64,
+  normalised to the unpadded image, target_valid [b, T] bool (real targets), image_id [b] int64,
   orig_size [b, 2] int32 (height, width of the original image), size [b, 2] int32 (unpadded
-  height, width after resizing), example_mask [b] bool (False on eval padding examples); from
-  panoptic records also masks [b, T, H, W] bool (each target's segment, zero padding).
+  height, width after resizing), image_valid [b] bool (False on eval padding examples); from
+  panoptic records also segment_masks [b, T, H, W] bool (each target's segment, zero padding).
 H and W come from a small set of shapes (multiples of `pad_multiple`, or `fixed_size`), so XLA
 compiles a handful of programs.
 
@@ -95,7 +95,7 @@ def coco_folder_examples(records: coco.CocoRecords):
 
 
 def panoptic_examples(records: coco_panoptic.PanopticRecords):
-  """A function index -> {"image", "masks" [N, H, W] bool, "boxes" xyxy px (of the masks), "labels",
+  """A function index -> {"image", "segment_masks" [N, H, W] bool, "boxes" xyxy px (of the masks), "labels",
   "image_id", "orig_size"} for a COCO panoptic split."""
   paths, png_paths = tf.constant(records.paths), tf.constant(records.png_paths)
   image_ids, sizes = tf.constant(records.image_ids), tf.constant(records.sizes)
@@ -104,7 +104,7 @@ def panoptic_examples(records: coco_panoptic.PanopticRecords):
 
   def example(index):
     masks = tf.equal(coco_panoptic.read_segment_ids(png_paths[index])[None], segment_ids[index][:, None, None])
-    return {"image": decode_image(paths[index]), "masks": masks, "boxes": coco_panoptic.masks_to_boxes(masks),
+    return {"image": decode_image(paths[index]), "segment_masks": masks, "boxes": coco_panoptic.masks_to_boxes(masks),
             "labels": labels[index], "image_id": image_ids[index], "orig_size": sizes[index]}
 
   return example
@@ -155,14 +155,14 @@ def _finish_example(example, max_boxes):
       "pixel_mask": tf.ones(tf.shape(image)[:2], tf.bool),
       "labels": tf.pad(example["labels"][:num], [[0, pad]]),
       "boxes": tf.pad(example["boxes"][:num], [[0, pad], [0, 0]]),
-      "mask": tf.sequence_mask(num, max_boxes),
+      "target_valid": tf.sequence_mask(num, max_boxes),
       "image_id": example["image_id"],
       "orig_size": tf.cast(example["orig_size"], tf.int32),
       "size": tf.cast(example["size"], tf.int32),
-      "example_mask": tf.constant(True),
+      "image_valid": tf.constant(True),
   }
-  if "masks" in example:
-    finished["masks"] = tf.pad(example["masks"][:num], [[0, pad], [0, 0], [0, 0]])
+  if "segment_masks" in example:
+    finished["segment_masks"] = tf.pad(example["segment_masks"][:num], [[0, pad], [0, 0], [0, 0]])
   return finished
 
 
@@ -178,8 +178,8 @@ def _pad_batch(batch, options: PipelineOptions):
     target_w = (width + multiple - 1) // multiple * multiple
   extra = [[0, 0], [0, target_h - height], [0, target_w - width]]
   padded = {**batch, "image": tf.pad(batch["image"], extra + [[0, 0]]), "pixel_mask": tf.pad(batch["pixel_mask"], extra)}
-  if "masks" in batch:
-    padded["masks"] = tf.pad(batch["masks"], [[0, 0], [0, 0], *extra[1:]])
+  if "segment_masks" in batch:
+    padded["segment_masks"] = tf.pad(batch["segment_masks"], [[0, 0], [0, 0], *extra[1:]])
   return padded
 
 
@@ -230,7 +230,7 @@ def train_dataset(records: coco.CocoRecords, batch_size: int, seed: int, options
 
   Args:
     records: from `coco.load_coco_folder`, or `coco_panoptic.load_panoptic_folder` (batches then
-      also hold "masks" [b, T, H, W] bool, augmented with the images).
+      also hold "segment_masks" [b, T, H, W] bool, augmented with the images).
     batch_size: examples per process per step.
     seed: the run's seed; with `start_step` it fixes every batch. Each epoch is a fresh
       permutation, cut to a whole number of global batches (the tail is dropped).
@@ -264,12 +264,12 @@ def train_dataset(records: coco.CocoRecords, batch_size: int, seed: int, options
 
 def eval_dataset(records: coco.CocoRecords, batch_size: int, options: PipelineOptions,
                  process: Optional[tuple] = None, max_images: Optional[int] = None,
-                 target_masks: bool = False) -> tf.data.Dataset:
+                 keep_segment_masks: bool = False) -> tf.data.Dataset:
   """One pass over the split in id order, each process taking every process_count-th image.
 
   Every process yields the same number of batches: the tail is filled with copies marked
-  example_mask=False, which evaluation must drop. Panoptic records give "masks" only with
-  `target_masks`: evaluation does not need them, and at full size they are [T, H, W] per image.
+  image_valid=False, which evaluation must drop. Panoptic records give "segment_masks" only with
+  `keep_segment_masks`: evaluation does not need them, and at full size they are [T, H, W] per image.
   """
   process_index, process_count = process or _process()
   num = len(records) if max_images is None else min(max_images, len(records))
@@ -280,9 +280,9 @@ def eval_dataset(records: coco.CocoRecords, batch_size: int, options: PipelineOp
 
   def example(index, real):
     loaded = load(index)
-    if not target_masks:
-      loaded.pop("masks", None)
-    return {**_eval_example(loaded, options), "example_mask": real}
+    if not keep_segment_masks:
+      loaded.pop("segment_masks", None)
+    return {**_eval_example(loaded, options), "image_valid": real}
 
   return _batch(_parallel_map(indices, example), batch_size, options)
 
@@ -313,15 +313,15 @@ def _pad_to_common_shape(batch: dict) -> dict:
   height, width = np.asarray(multihost_utils.process_allgather(shape)).max(axis=0)
   extra = [(0, 0), (0, height - shape[0]), (0, width - shape[1])]
   padded = {**batch, "image": np.pad(batch["image"], extra + [(0, 0)]), "pixel_mask": np.pad(batch["pixel_mask"], extra)}
-  if "masks" in batch:
-    padded["masks"] = np.pad(batch["masks"], [(0, 0), *extra])
+  if "segment_masks" in batch:
+    padded["segment_masks"] = np.pad(batch["segment_masks"], [(0, 0), *extra])
   return padded
 
 
 def to_global_batch(batch: dict, sharding) -> dict:
   """Per-process numpy batch -> global jax.Arrays sharded over the mesh's data axis.
 
-  `sharding` is e.g. NamedSharding(mesh, PartitionSpec("data")); the global batch is the
+  `sharding` is e.g. `detr_jax.sharding.batch_sharding(mesh)`; the global batch is the
   concatenation of every process's batch in process order. With several processes, images are
   first padded to the largest padded shape among them, since a global array has one shape.
   """

@@ -1,7 +1,7 @@
 """DETR's augmentations as TensorFlow ops (official `datasets/transforms.py` and `datasets/coco.py`).
 
 An example is {"image": [H, W, 3] float32 in [0, 255], "boxes": [N, 4] float32 xyxy pixels,
-"labels": [N] int32, ...}, and for panoptic data also "masks": [N, H, W] bool, which every
+"labels": [N] int32, ...}, and for panoptic data also "segment_masks": [N, H, W] bool, which every
 geometric op transforms with the image (nearest resizing, as the official code). Randomness is
 stateless: every op takes a [2] int32 seed, so the same (seed, element index) always gives the
 same augmentation.
@@ -41,9 +41,9 @@ def resize(example, size, max_size=None):
   ratio = tf.cast(tf.stack([new_w, new_h, new_w, new_h]), tf.float32) / tf.cast(
       tf.stack([width, height, width, height]), tf.float32)
   example = {**example, "image": resized, "boxes": example["boxes"] * ratio}
-  if "masks" in example:
-    masks = tf.gather(example["masks"], _legacy_nearest_indices(height, new_h), axis=1)
-    example["masks"] = tf.gather(masks, _legacy_nearest_indices(width, new_w), axis=2)
+  if "segment_masks" in example:
+    masks = tf.gather(example["segment_masks"], _legacy_nearest_indices(height, new_h), axis=1)
+    example["segment_masks"] = tf.gather(masks, _legacy_nearest_indices(width, new_w), axis=2)
   return example
 
 
@@ -66,8 +66,8 @@ def horizontal_flip(example):
   width = tf.cast(tf.shape(image)[1], tf.float32)
   x0, y0, x1, y1 = tf.unstack(example["boxes"], axis=-1)
   flipped = {**example, "image": image[:, ::-1], "boxes": tf.stack([width - x1, y0, width - x0, y1], axis=-1)}
-  if "masks" in example:
-    flipped["masks"] = example["masks"][:, :, ::-1]
+  if "segment_masks" in example:
+    flipped["segment_masks"] = example["segment_masks"][:, :, ::-1]
   return flipped
 
 
@@ -88,8 +88,8 @@ def random_size_crop(example, min_size, max_size, seed):
   keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
   cropped = {**example, "image": image, "boxes": tf.boolean_mask(boxes, keep),
              "labels": tf.boolean_mask(example["labels"], keep)}
-  if "masks" in example:
-    cropped["masks"] = tf.boolean_mask(example["masks"][:, top:top + crop_h, left:left + crop_w], keep)
+  if "segment_masks" in example:
+    cropped["segment_masks"] = tf.boolean_mask(example["segment_masks"][:, top:top + crop_h, left:left + crop_w], keep)
   return cropped
 
 

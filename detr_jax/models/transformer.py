@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from detr_jax import initializers
+from detr_jax.models import initializers
 
 
 def _layer_norm(dtype, name):

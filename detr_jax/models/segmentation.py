@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from detr_jax import backbone as backbone_lib
+from detr_jax.models import backbone as backbone_lib
 
 MODULE_NAMES = ("bbox_attention", "mask_head")   # the parameters the panoptic extension adds
 GROUP_NORM_GROUPS = 8

@@ -19,18 +19,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from detr_jax import segmentation
+from detr_jax.models import segmentation
 
-FROZEN, BACKBONE, TRANSFORMER = "frozen", "backbone", "transformer"
+# Optimiser groups (official main.py): the backbone at lr_backbone, everything else at lr, or frozen.
+FROZEN, BACKBONE, NON_BACKBONE = "frozen", "backbone", "non_backbone"
 FROZEN_BACKBONE_PREFIXES = ("conv1", "layer1_")
 
 
 def parameter_group(path: tuple[str, ...], mask_head_only: bool = False) -> str:
-  """FROZEN, BACKBONE or TRANSFORMER (the rest: projection, transformer, queries, heads) for a param path."""
+  """FROZEN, BACKBONE or NON_BACKBONE (projection, transformer, queries, heads, mask head) for a param path."""
   if mask_head_only:
-    return TRANSFORMER if path[0] in segmentation.MODULE_NAMES else FROZEN
+    return NON_BACKBONE if path[0] in segmentation.MODULE_NAMES else FROZEN
   if path[0] != "backbone":
-    return TRANSFORMER
+    return NON_BACKBONE
   return FROZEN if path[1].startswith(FROZEN_BACKBONE_PREFIXES) else BACKBONE
 
 
@@ -73,5 +74,5 @@ def create(optimizer_config: Mapping[str, Any], steps_per_epoch: int) -> optax.G
       optax.masked(optax.set_to_zero(), lambda params: jax.tree.map(lambda g: g == FROZEN, groups(params))),
       optax.clip_by_global_norm(optimizer_config["clip_max_norm"]),
       optax.multi_transform({FROZEN: optax.set_to_zero(), BACKBONE: adamw("lr_backbone"),
-                             TRANSFORMER: adamw("lr")}, groups),
+                             NON_BACKBONE: adamw("lr")}, groups),
   )

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 import scipy.optimize
 
 from detr_jax import box_ops
+from detr_jax.sharding import BATCH_AXIS
 
 SOLVERS = ("host", "device")
 
@@ -118,14 +119,14 @@ def assign_on_device(cost, valid):
 
 
 def match(pred_logits, pred_boxes, labels, boxes, valid, weights: CostWeights = CostWeights(),
-          solver: str = "host", num_threads: int = 1, mesh: Optional[Mesh] = None, batch_axis: str = "data"):
+          solver: str = "host", num_threads: int = 1, mesh: Optional[Mesh] = None):
   """Matches every decoder layer's predictions to the targets, with no gradient.
 
   Args:
     pred_logits: [L, B, Q, K + 1]; pred_boxes: [L, B, Q, 4] cxcywh normalised.
     labels: [B, T] int32; boxes: [B, T, 4] cxcywh normalised; valid: [B, T] bool.
     solver: "host" (scipy) or "device" (optax).
-    mesh: the device mesh when the batch is sharded over `batch_axis`. The host solver then runs
+    mesh: the device mesh when the batch is sharded over `sharding.BATCH_AXIS`. The host solver then runs
       under `shard_map`, each device passing its own images to its own host; without it, XLA
       would gather the whole batch to one device for the callback (and deadlock on CPU meshes).
   Returns:
@@ -145,7 +146,7 @@ def match(pred_logits, pred_boxes, labels, boxes, valid, weights: CostWeights = 
     return assign_on_device(cost, valid)
   assign = functools.partial(assign_on_host, num_threads=num_threads)
   if mesh is not None:
-    assign = jax.shard_map(assign, mesh=mesh, in_specs=(P(None, batch_axis), P(batch_axis)),
-                           out_specs=P(None, batch_axis))
+    assign = jax.shard_map(assign, mesh=mesh, in_specs=(P(None, BATCH_AXIS), P(BATCH_AXIS)),
+                           out_specs=P(None, BATCH_AXIS))
   return assign(cost, valid)
 

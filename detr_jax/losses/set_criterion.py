@@ -3,7 +3,7 @@
 Targets are padded to a fixed count per image:
     {"labels": [B, T] int32 class indices (COCO category ids),
      "boxes":  [B, T, 4] float32 cxcywh normalised to the unpadded image,
-     "mask":   [B, T] bool, True on real targets}.
+     "target_valid": [B, T] bool, True on real targets}.
 Padded entries never reach a loss or a gradient, whatever they hold.
 
 Normalisation: the official code divides the box losses on each GPU by
@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh
 
 from detr_jax import box_ops
-from detr_jax import matcher as matcher_lib
+from detr_jax.losses import matcher as matcher_lib
 
 
 def _at_matched_queries(per_query, query_index):
@@ -68,10 +68,9 @@ class SetCriterion:
     bbox_loss_coef, giou_loss_coef: loss weights (5, 2); loss_ce has weight 1.
     solver: "host" (scipy through a callback) or "device" (optax Hungarian).
     num_threads: threads of the host solver.
-    mesh, batch_axis: the device mesh and its data axis when the batch is sharded (see
-      `matcher.match`); None on a single device.
+    mesh: the device mesh when the batch is sharded (see `matcher.match`); None on a single device.
     mask_loss_coef, dice_loss_coef: weights (1, 1) of loss_mask (focal) and loss_dice, computed
-      when the outputs hold "pred_masks" and the targets "masks" ([B, T, H, W] bool, H x W the
+      when the outputs hold "pred_masks" and the targets "segment_masks" ([B, T, H, W] bool, H x W the
       padded image size).
 
   Call: criterion(outputs, targets) with the model's output dict (aux outputs optional) ->
@@ -90,7 +89,6 @@ class SetCriterion:
   solver: str = "host"
   num_threads: int = 1
   mesh: Optional[Mesh] = None
-  batch_axis: str = "data"
   mask_loss_coef: float = 1.0
   dice_loss_coef: float = 1.0
 
@@ -98,13 +96,13 @@ class SetCriterion:
     layers = [*outputs.get("aux_outputs", []), outputs]
     pred_logits = jnp.stack([layer["pred_logits"] for layer in layers]).astype(jnp.float32)
     pred_boxes = jnp.stack([layer["pred_boxes"] for layer in layers]).astype(jnp.float32)
-    valid = targets["mask"].astype(bool)
+    valid = targets["target_valid"].astype(bool)
     # Neutral values in padded slots keep NaN or garbage out of every product and gradient.
     labels = jnp.where(valid, targets["labels"], 0).astype(jnp.int32)
     boxes = jnp.where(valid[..., None], targets["boxes"], 0.5).astype(jnp.float32)
 
     query_index = matcher_lib.match(pred_logits, pred_boxes, labels, boxes, valid, self.cost_weights,
-                                    self.solver, self.num_threads, self.mesh, self.batch_axis)
+                                    self.solver, self.num_threads, self.mesh)
     matched = query_index >= 0                                                  # [L, B, T]
     num_boxes = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
 
@@ -119,7 +117,7 @@ class SetCriterion:
     loss = (per_layer["loss_ce"] + self.bbox_loss_coef * per_layer["loss_bbox"]
             + self.giou_loss_coef * per_layer["loss_giou"]).sum()
     if "pred_masks" in outputs:
-      terms.update(self._mask_losses(outputs["pred_masks"], targets["masks"], query_index[-1], matched[-1], num_boxes))
+      terms.update(self._mask_losses(outputs["pred_masks"], targets["segment_masks"], query_index[-1], matched[-1], num_boxes))
       loss = loss + self.mask_loss_coef * terms["loss_mask"] + self.dice_loss_coef * terms["loss_dice"]
     return loss, terms
 

@@ -20,14 +20,17 @@ import logging
 import os
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import numpy as np
 import tensorflow as tf
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from detr_jax import detr, panoptic_quality, postprocess
-from detr_jax.data import coco, coco_panoptic, pipeline
+from detr_jax import families, sharding
+from detr_jax.data import coco, coco_panoptic, pipeline, sources
+from detr_jax.evaluation import panoptic_quality
+from detr_jax.models import postprocess
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR@1", "AR@10", "AR@100", "AR_S", "AR_M", "AR_L")
 MASK_METRIC_NAMES = tuple(f"mask_{name}" for name in METRIC_NAMES)
@@ -35,18 +38,20 @@ PANOPTIC_METRIC_NAMES = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "
 _PANOPTIC_GROUPS = (("All", ""), ("Things", "_th"), ("Stuff", "_st"))
 
 
-def make_predict_fn(model: detr.DETR, masks: bool = False, panoptic: bool = False):
+def make_predict_fn(model: nn.Module, masks: bool = False, panoptic: bool = False):
   """jit(variables, batch) -> per-image predictions, sharded like the batch.
 
   Always "scores" [B, Q] float32, "labels" [B, Q] int32 (COCO category ids) and "boxes" [B, Q, 4]
-  xyxy in original-image pixels (`postprocess.detections`). With `masks`, also "masks" [B, Q, H, W]
+  xyxy in original-image pixels (the family's official post-processing). With `masks`, also "masks" [B, Q, H, W]
   bool (`postprocess.instance_masks`; H, W the padded input size). With `panoptic`, also the raw
   "pred_logits" [B, Q, K + 1] and "pred_masks" [B, Q, H/4, W/4] for `postprocess.panoptic`.
   The variables are replicated, so XLA runs each device's images where they are.
   """
+  detections = families.of_model(model).detections
+
   def predict(variables, batch):
     outputs = model.apply(variables, batch["image"], batch["pixel_mask"])
-    scores, labels, boxes = postprocess.detections(outputs, batch["orig_size"])
+    scores, labels, boxes = detections(outputs, batch["orig_size"])
     predictions = {"scores": scores, "labels": labels, "boxes": boxes}
     if masks:
       predictions["masks"] = postprocess.instance_masks(outputs["pred_masks"], batch["size"], batch["image"].shape[1:3])
@@ -57,15 +62,15 @@ def make_predict_fn(model: detr.DETR, masks: bool = False, panoptic: bool = Fals
   return jax.jit(predict)
 
 
-def _local_images(predict_fn, variables, dataset, mesh: Mesh, batch_axis: str = "data"):
+def _local_images(predict_fn, variables, dataset, mesh: Mesh):
   """Yields (predictions, image_id, processed size, original size) per real image of this process, in numpy."""
-  spec = PartitionSpec(batch_axis)
-  for batch in pipeline.prefetch_to_mesh(dataset, NamedSharding(mesh, spec)):
+  spec = sharding.batch_sharding(mesh).spec
+  for batch in pipeline.prefetch_to_mesh(dataset, sharding.batch_sharding(mesh)):
     predictions = predict_fn(variables, batch)
-    image_info = {k: batch[k] for k in ("image_id", "size", "orig_size", "example_mask")}
+    image_info = {k: batch[k] for k in ("image_id", "size", "orig_size", "image_valid")}
     local, info = jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(
         (predictions, image_info), mesh, spec))
-    for i in np.flatnonzero(info["example_mask"]):
+    for i in np.flatnonzero(info["image_valid"]):
       yield {k: v[i] for k, v in local.items()}, int(info["image_id"][i]), info["size"][i], info["orig_size"][i]
 
 
@@ -174,10 +179,10 @@ class _PanopticScorer:
             for group, suffix in _PANOPTIC_GROUPS for name in ("PQ", "SQ", "RQ")}
 
 
-def evaluate(model: detr.DETR, variables, data_dir: str, split: str, batch_size: int,
+def evaluate(model: nn.Module, variables, data_dir: str, split: str, batch_size: int,
              options: pipeline.PipelineOptions, mesh: Mesh, output_dir: Optional[str] = None,
              max_images: Optional[int] = None, predict_fn=None, panoptic: bool = False,
-             target_masks: bool = False) -> dict:
+             keep_segment_masks: bool = False) -> dict:
   """COCO metrics of `model` on a COCO folder's split: box AP, mask AP for mask models, PQ if `panoptic`.
 
   Args:
@@ -193,7 +198,7 @@ def evaluate(model: detr.DETR, variables, data_dir: str, split: str, batch_size:
       with the PNGs in panoptic/ (COCO panoptic format; every process writes its own PNGs).
     max_images: evaluate only the first N images by id.
     predict_fn: a `make_predict_fn(...)`, to reuse its compiled programs across calls.
-    target_masks: keep the ground-truth segment masks ("masks" [B, T, H, W] bool) of panoptic
+    keep_segment_masks: keep the ground-truth "segment_masks" ([B, T, H, W] bool) of panoptic
       records in the batches, for a `predict_fn` that reads them; evaluation itself does not.
   Returns:
     METRIC_NAMES (and MASK_METRIC_NAMES, PANOPTIC_METRIC_NAMES) -> value, with "num_images",
@@ -205,16 +210,13 @@ def evaluate(model: detr.DETR, variables, data_dir: str, split: str, batch_size:
   if batch_size % jax.process_count():
     raise ValueError(f"Eval batch size {batch_size} is not a multiple of the {jax.process_count()} processes.")
   instances_path = coco.annotation_path(data_dir, split)
-  if panoptic:
-    records = coco_panoptic.load_panoptic_folder(data_dir, split)
-    score_ap = os.path.isfile(instances_path)
-    if not score_ap:
-      logging.warning("%s does not exist: box and mask AP are skipped, only PQ is measured.", instances_path)
-  else:
-    records, score_ap = coco.load_coco_folder(data_dir, split, keep_empty=True), True
+  records = sources.eval_records(data_dir, split, panoptic)
+  score_ap = os.path.isfile(instances_path)
+  if not score_ap:
+    logging.warning("%s does not exist: box and mask AP are skipped, only PQ is measured.", instances_path)
   image_ids = records.image_ids[:max_images] if max_images else records.image_ids
   dataset = pipeline.eval_dataset(records, batch_size // jax.process_count(), options, max_images=max_images,
-                                  target_masks=target_masks)
+                                  keep_segment_masks=keep_segment_masks)
   predict_fn = predict_fn or make_predict_fn(model, masks=model.masks and score_ap, panoptic=panoptic)
   png_dir = os.path.join(output_dir, "panoptic") if output_dir and panoptic else None
   if png_dir:
@@ -222,7 +224,7 @@ def evaluate(model: detr.DETR, variables, data_dir: str, split: str, batch_size:
   scorer = _PanopticScorer(data_dir, split, records, png_dir) if panoptic else None
 
   detections, segmentations = [], []
-  replicated = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+  replicated = jax.device_put(variables, sharding.replicated(mesh))
   for prediction, image_id, processed_size, original_size in _local_images(predict_fn, replicated, dataset, mesh):
     detections.extend(_detection_results(prediction, image_id))
     if score_ap and "masks" in prediction:

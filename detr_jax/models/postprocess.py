@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detr_jax import backbone, box_ops
+from detr_jax import box_ops
+from detr_jax.models import backbone
 
 
 def detections(outputs, original_sizes):

@@ -9,11 +9,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from detr_jax import backbone as backbone_lib
-from detr_jax import initializers
-from detr_jax import position_encoding
-from detr_jax import segmentation
-from detr_jax import transformer as transformer_lib
+from detr_jax.models import backbone as backbone_lib
+from detr_jax.models import initializers
+from detr_jax.models import position_encoding
+from detr_jax.models import segmentation
+from detr_jax.models import transformer as transformer_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -126,13 +126,24 @@ class DETR(nn.Module):
     raise ValueError(f"Unknown position_embedding {self.position_embedding!r}; use 'sine' or 'learned'.")
 
 
-def from_config(model_config: Mapping[str, Any]) -> DETR:
+def from_config(config: Mapping[str, Any]) -> DETR:
   """Builds a DETR from a config mapping (a `config.model` ConfigDict or a plain dict).
 
   Raises:
     TypeError: a key that is not a DETR attribute.
   """
-  return DETR(**dict(model_config))
+  return DETR(**dict(config))
+
+
+def model_config(model: DETR) -> dict[str, Any]:
+  """The DETR attributes of `model` as a plain dict (the inverse of `from_config`)."""
+  return {field: getattr(model, field) for field in DETR.__dataclass_fields__ if field not in ("parent", "name")}
+
+
+def describe(config: Mapping[str, Any]) -> str:
+  """A one-line name such as "DETR-R50-DC5 (91 classes, 100 queries)" for a model config mapping."""
+  return (f"DETR-R{config['backbone_depth']}{'-DC5' if config['dilation'] else ''}"
+          f"{'-panoptic' if config.get('masks') else ''} ({config['num_classes']} classes, {config['num_queries']} queries)")
 
 
 def init_variables(model: DETR, rng: jax.Array):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detr_jax import initializers
+from detr_jax.models import initializers
 
 # (block type, blocks per stage) for each supported depth.
 RESNET_LAYOUTS = {

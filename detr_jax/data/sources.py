@@ -1,0 +1,81 @@
+"""Where the data comes from: `config.data.source` and a split -> records or a tf.data source.
+
+The one place that knows the sources; training, evaluation and eval.py ask it.
+  coco_folder    annotations/instances_{split}.json + {split}/*.jpg (COCO or a custom dataset)
+  coco_panoptic  annotations/panoptic_{split}.json + its PNG folder (+ instances json for box AP)
+  generated      the built-in dataset (`generated.py`), written as a COCO folder first
+  tfds           coco/2017 from a TFDS data dir or bucket (training only: evaluation needs the
+                 COCO annotation json)
+"""
+
+import os
+
+import ml_collections
+
+from detr_jax.data import coco, coco_panoptic, generated, pipeline
+
+SOURCES = ("coco_folder", "coco_panoptic", "generated", "tfds")
+
+
+def check(data_config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming config.data.source and the valid sources if it is unknown."""
+  if data_config.source not in SOURCES:
+    raise ValueError(f"Unknown config.data.source={data_config.source!r}; choose one of {', '.join(SOURCES)}.")
+
+
+def data_dir(data_config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The folder to read; for "generated" it is written first (default workdir/generated_data)."""
+  check(data_config)
+  if data_config.source == "generated":
+    return generated.write_coco_folder(data_config.data_dir or os.path.join(workdir, "generated_data"))
+  return data_config.data_dir
+
+
+def is_panoptic(data_config: ml_collections.ConfigDict) -> bool:
+  """Whether the source is a COCO panoptic split (segments for training, PQ in evaluation)."""
+  return data_config.source == "coco_panoptic"
+
+
+def can_evaluate(data_config: ml_collections.ConfigDict) -> bool:
+  """Whether `data_config.eval_split` can be scored: set, and from a source with COCO annotation files."""
+  return bool(data_config.eval_split) and data_config.source != "tfds"
+
+
+def eval_records(directory: str, split: str, panoptic: bool):
+  """The records to evaluate: the images of the panoptic json with `panoptic`, else of the instances json.
+
+  Raises:
+    coco.DatasetError: the folder or an annotation file is missing or invalid.
+  """
+  if panoptic:
+    return coco_panoptic.load_panoptic_folder(directory, split)
+  return coco.load_coco_folder(directory, split, keep_empty=True)
+
+
+def training_dataset(config: ml_collections.ConfigDict, directory: str, options: pipeline.PipelineOptions,
+                     per_process_batch: int, start_step: int):
+  """(this process's training batches as a tf.data.Dataset, steps per epoch of config.batch_size).
+
+  Raises:
+    coco.DatasetError: the folder or its annotations are missing or invalid.
+    ValueError: an unknown source, or config.model.num_classes below the dataset's category ids.
+  """
+  data = config.data
+  check(data)
+  if data.source == "tfds":
+    import tensorflow_datasets as tfds
+    num_images = tfds.builder("coco/2017", data_dir=directory or None).info.splits[data.train_split].num_examples
+    dataset = pipeline.tfds_dataset(data.train_split, per_process_batch, config.seed, options, train=True,
+                                    data_dir=directory or None, start_step=start_step)
+    return dataset, num_images // config.batch_size
+  if is_panoptic(data):
+    records = coco_panoptic.load_panoptic_folder(directory, data.train_split)
+  else:
+    records = coco.load_coco_folder(directory, data.train_split, keep_empty=data.keep_empty_train)
+  if data.train_max_images:
+    records = records.first(data.train_max_images)
+  if records.num_classes > config.model.num_classes:
+    raise ValueError(f"{directory}/{data.train_split} has category ids up to {records.num_classes - 1}; "
+                     f"set config.model.num_classes to at least {records.num_classes}.")
+  dataset = pipeline.train_dataset(records, per_process_batch, config.seed, options, start_step=start_step)
+  return dataset, len(records) // config.batch_size

@@ -1,0 +1,153 @@
+"""Detector families: what training, evaluation and porting need from a detector, in one place.
+
+A family is chosen by name: `config.model.name` in a config, "name" in a checkpoint
+directory's model_config.json (absent in directories written before families existed: "detr").
+train.py, eval.py and the porting CLI ask the family; they never branch on it.
+
+DETR (Carion et al. 2020) is the first member. docs/architecture.md says how to add one.
+"""
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+from jax.sharding import Mesh
+
+from detr_jax import checkpoints, sharding
+from detr_jax.losses import matcher, set_criterion
+from detr_jax.models import detr, postprocess, segmentation
+from detr_jax import porting
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """The interface of a detector family.
+
+  Attributes:
+    name: the value of `config.model.name`.
+    model_type: the Flax module class of the family's detector.
+    from_config: config.model mapping (without "name") -> model.
+    model_config: model -> plain dict of its attributes (the inverse of `from_config`).
+    describe: model config mapping -> one-line name for logs and errors, e.g. "DETR-R50 (91 classes, 100 queries)".
+    init_variables: (model, PRNG key) -> {"params", "batch_stats"} with the official initialisers.
+    criterion: (config, mesh or None) -> a callable (outputs, batch) -> (loss, terms): matching and set loss.
+    loss_term_names: model -> the names of the logged terms of `criterion`.
+    detections: (outputs, original sizes [B, 2]) -> (scores [B, N], labels [B, N], boxes [B, N, 4] xyxy pixels),
+      the family's official post-processing for COCO box evaluation.
+    load_pytorch_checkpoint: (path or state dict, dilation, **overrides) -> (model, variables).
+    to_pytorch_state_dict: variables -> the official state dict (numpy).
+    save_hf_pretrained: (model, variables, directory) -> None, a transformers `from_pretrained` directory.
+    fresh_modules: (model, loaded variables, reset_class_head) -> module-path prefixes that keep their
+      fresh initial values when training starts from a checkpoint (`training.state.initial_variables`).
+  """
+
+  name: str
+  model_type: type
+  from_config: Callable[[Mapping[str, Any]], nn.Module]
+  model_config: Callable[[nn.Module], dict]
+  describe: Callable[[Mapping[str, Any]], str]
+  init_variables: Callable[..., Any]
+  criterion: Callable[[Any, Optional[Mesh]], Callable]
+  loss_term_names: Callable[[Any], list]
+  detections: Callable
+  load_pytorch_checkpoint: Callable
+  to_pytorch_state_dict: Callable
+  save_hf_pretrained: Callable
+  fresh_modules: Callable[..., tuple]
+
+
+def _detr_criterion(config, mesh: Optional[Mesh]) -> set_criterion.SetCriterion:
+  loss = config.loss
+  return set_criterion.SetCriterion(
+      num_classes=config.model.num_classes, eos_coef=loss.eos_coef,
+      cost_weights=matcher.CostWeights(loss.class_cost, loss.bbox_cost, loss.giou_cost),
+      bbox_loss_coef=loss.bbox_loss_coef, giou_loss_coef=loss.giou_loss_coef, solver=loss.solver, mesh=mesh,
+      mask_loss_coef=loss.mask_loss_coef, dice_loss_coef=loss.dice_loss_coef)
+
+
+def _detr_loss_term_names(model: detr.DETR) -> list:
+  layers = model.num_decoder_layers if model.aux_loss else 1
+  return [*set_criterion.term_names(layers), *(("loss_mask", "loss_dice") if model.masks else ())]
+
+
+def _detr_fresh_modules(model: detr.DETR, loaded, reset_class_head: bool) -> tuple:
+  """class_embed for fine-tuning on other classes; the mask head when a box model starts a panoptic one."""
+  fresh = (("class_embed",),) if reset_class_head else ()
+  if model.masks and "mask_head" not in loaded["params"]:
+    fresh += tuple((name,) for name in segmentation.MODULE_NAMES)
+  return fresh
+
+
+DETR = Family(
+    name="detr", model_type=detr.DETR, from_config=detr.from_config, model_config=detr.model_config,
+    describe=detr.describe, init_variables=detr.init_variables, criterion=_detr_criterion,
+    loss_term_names=_detr_loss_term_names, detections=postprocess.detections,
+    load_pytorch_checkpoint=porting.load_pytorch_checkpoint, to_pytorch_state_dict=porting.to_pytorch_state_dict,
+    save_hf_pretrained=porting.save_hf_pretrained, fresh_modules=_detr_fresh_modules)
+
+FAMILIES = {family.name: family for family in (DETR,)}
+DEFAULT = DETR.name
+
+
+def get(name: str) -> Family:
+  """The family called `name`.
+
+  Raises:
+    ValueError: no such family (the known names are listed).
+  """
+  if name not in FAMILIES:
+    raise ValueError(f"Unknown model family {name!r}; set config.model.name to one of {sorted(FAMILIES)}.")
+  return FAMILIES[name]
+
+
+def of_config(model_config: Mapping[str, Any]) -> Family:
+  """The family of a config.model mapping or a model_config.json dict ("name", default "detr")."""
+  return get(dict(model_config).get("name", DEFAULT))
+
+
+def of_model(model: nn.Module) -> Family:
+  """The family whose detector `model` is."""
+  return next(family for family in FAMILIES.values() if isinstance(model, family.model_type))
+
+
+def build_model(model_config: Mapping[str, Any]) -> nn.Module:
+  """The detector of a config.model mapping or a model_config.json dict.
+
+  Raises:
+    ValueError: unknown family. TypeError: a key that is not an attribute of the family's model.
+  """
+  attributes = {k: v for k, v in dict(model_config).items() if k != "name"}
+  return of_config(model_config).from_config(attributes)
+
+
+def model_config(model: nn.Module) -> dict:
+  """What model_config.json records of `model`: its family's name and its attributes."""
+  family = of_model(model)
+  return {"name": family.name, **family.model_config(model)}
+
+
+def describe(model: nn.Module) -> str:
+  family = of_model(model)
+  return family.describe(family.model_config(model))
+
+
+def save_model_dir(directory: str, model: nn.Module, variables) -> None:
+  """Writes `model` and `variables` as a detr_jax checkpoint directory (`checkpoints.save_model_dir`)."""
+  checkpoints.save_model_dir(directory, model_config(model), variables)
+
+
+def load_model(path: str, dilation: bool = False, mesh: Optional[Mesh] = None):
+  """(model, variables) from any checkpoint the project reads.
+
+  path: a detr_jax checkpoint directory (a train.py workdir, whose latest step is read, or what
+  `porting import` wrote, old layout included), or an official / Hugging Face `.pth` /
+  `.safetensors` file, ported on the fly (`dilation` says whether it is DC5, which keys cannot show).
+  Raises:
+    FileNotFoundError: nothing readable at `path`.
+    checkpoints.CheckpointMismatchError: a PyTorch file that is not a checkpoint of a known family.
+  """
+  if os.path.isdir(path):
+    config, variables = checkpoints.read_model_dir(path, mesh or sharding.create_mesh())
+    return build_model(config), variables
+  return porting.load_pytorch_checkpoint(path, dilation=dilation)

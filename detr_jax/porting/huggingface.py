@@ -1,0 +1,170 @@
+"""Hugging Face transformers' DETR layouts: reading them, and writing `from_pretrained` directories.
+
+Read: `DetrForObjectDetection` / `DetrForSegmentation` state dicts and `model.safetensors`, in
+the hub files' layout (timm backbone names, `self_attn.out_proj`, `fc1`) and in the installed
+transformers' layout (HF ResNet backbone names, `o_proj`, `mlp.fc1`); both are renamed into the
+official layout (`official.py`). Written: the installed transformers' layout, key for key.
+"""
+
+import re
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from detr_jax import checkpoints
+from detr_jax.models import backbone as backbone_lib
+from detr_jax.models import detr as detr_lib
+from detr_jax.porting import official
+
+
+def _shift_stage(match):
+  return f"body.layer{int(match.group(1)) + 1}.{match.group(2)}."
+
+
+# Hugging Face key -> official key, applied in order. Covers the hub files (timm backbone) and
+# the installed transformers (HF ResNet backbone, o_proj, mlp.fc1).
+_HF_RULES = [
+    (r"^model\.backbone\.(conv_encoder\.)?model\.", "backbone.0.body."),
+    (r"^model\.(backbone\.)?position_embedding\.row_embeddings\.", "backbone.1.row_embed."),
+    (r"^model\.(backbone\.)?position_embedding\.column_embeddings\.", "backbone.1.col_embed."),
+    (r"body\.embedder\.embedder\.convolution\.", "body.conv1."),
+    (r"body\.embedder\.embedder\.normalization\.", "body.bn1."),
+    (r"body\.encoder\.stages\.(\d+)\.layers\.(\d+)\.", _shift_stage),
+    (r"\.shortcut\.convolution\.", ".downsample.0."),
+    (r"\.shortcut\.normalization\.", ".downsample.1."),
+    (r"\.layer\.(\d+)\.convolution\.", lambda m: f".conv{int(m.group(1)) + 1}."),
+    (r"\.layer\.(\d+)\.normalization\.", lambda m: f".bn{int(m.group(1)) + 1}."),
+    (r"^model\.(encoder|decoder)\.layers\.", r"transformer.\1.layers."),
+    (r"^model\.decoder\.layernorm\.", "transformer.decoder.norm."),
+    (r"\.encoder_attn\.", ".multihead_attn."),
+    (r"\.o_proj\.", ".out_proj."),
+    (r"\.(mlp\.)?fc1\.", ".linear1."),
+    (r"\.(mlp\.)?fc2\.", ".linear2."),
+    (r"\.self_attn_layer_norm\.", ".norm1."),
+    (r"\.encoder_attn_layer_norm\.", ".norm2."),
+    (r"(encoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm2."),
+    (r"(decoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm3."),
+    (r"^model\.input_projection\.", "input_proj."),
+    (r"^model\.query_position_embeddings\.", "query_embed."),
+    (r"^class_labels_classifier\.", "class_embed."),
+    (r"^bbox_predictor\.", "bbox_embed."),
+    (r"^bbox_attention\.([qk])_proj\.", r"bbox_attention.\1_linear."),
+    (r"^mask_head\.conv(\d)\.conv\.", r"mask_head.lay\1."),
+    (r"^mask_head\.conv(\d)\.norm\.", r"mask_head.gn\1."),
+    (r"^mask_head\.fpn_stages\.(\d)\.fpn_adapter\.", lambda m: f"mask_head.adapter{int(m.group(1)) + 1}."),
+    (r"^mask_head\.fpn_stages\.(\d)\.refine\.conv\.", lambda m: f"mask_head.lay{int(m.group(1)) + 3}."),
+    (r"^mask_head\.fpn_stages\.(\d)\.refine\.norm\.", lambda m: f"mask_head.gn{int(m.group(1)) + 3}."),
+    (r"^mask_head\.output_conv\.", "mask_head.out_lay."),
+]
+
+
+def is_hf_layout(state_dict: Mapping[str, Any]) -> bool:
+  """True for Hugging Face `DetrForObjectDetection` keys ("model." / "class_labels_classifier.")."""
+  return any(k.startswith(("model.", "class_labels_classifier.")) for k in state_dict)
+
+
+def hf_to_official(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Renames a Hugging Face DETR state dict into the official layout.
+
+  Separate q/k/v projections are concatenated into `in_proj_weight` [3d, d] / `in_proj_bias`
+  (rows q, k, v, as in `nn.MultiheadAttention`); `num_batches_tracked` entries are dropped.
+  Raises:
+    checkpoints.CheckpointMismatchError: an attention block lacks one of its q/k/v projections.
+  """
+  renamed, qkv = {}, {}
+  for key, value in state_dict.items():
+    if key.endswith("num_batches_tracked"):
+      continue
+    target, projection = _official_source(key)
+    if projection:
+      qkv.setdefault(target, {})[projection] = value
+    else:
+      renamed[target] = value
+  for target, parts in qkv.items():
+    if set(parts) != {"q", "k", "v"}:
+      raise checkpoints.CheckpointMismatchError(f"{target}: found projections {sorted(parts)}, expected q, k and v.")
+    renamed[target] = np.concatenate([parts["q"], parts["k"], parts["v"]])
+  return renamed
+
+
+def _official_source(hf_key: str) -> tuple[str, Optional[str]]:
+  """(official key, projection) of a Hugging Face key (without the `detr.` prefix): for a separate
+  q/k/v projection, the fused `in_proj_weight` / `in_proj_bias` key and "q", "k" or "v"."""
+  key = hf_key
+  for pattern, replacement in _HF_RULES:
+    key = re.sub(pattern, replacement, key)
+  match = re.match(r"^(.*)\.([qkv])_proj\.(weight|bias)$", key)
+  if match:
+    return f"{match.group(1)}.in_proj_{match.group(3)}", match.group(2)
+  return key, None
+
+
+def to_hf_state_dict(variables, hf_keys) -> dict[str, np.ndarray]:
+  """Exports {"params", "batch_stats"} to a Hugging Face DETR layout, key for key.
+
+  `hf_keys` are the keys of the target model's `state_dict()` (see `hf_model`); each is mapped to
+  its official key by the import rules, and fused `in_proj` rows are split into q/k/v. For an
+  imported HF checkpoint the result equals the original exactly.
+  Raises:
+    checkpoints.CheckpointMismatchError: a target key has no source, or a variable has no target.
+  """
+  official_state = official.without_panoptic_prefix(official.to_pytorch_state_dict(variables))
+  exported, used, missing = {}, set(), []
+  for hf_key in hf_keys:
+    source, projection = _official_source(hf_key[len(official.PANOPTIC_PREFIX):] if hf_key.startswith(official.PANOPTIC_PREFIX)
+                                          else hf_key)
+    if source not in official_state:
+      missing.append(f"{hf_key} (official {source})")
+      continue
+    value = official_state[source]
+    if projection:
+      width, row = value.shape[0] // 3, "qkv".index(projection)
+      value = value[row * width:(row + 1) * width]
+    exported[hf_key] = value
+    used.add(source)
+  unused = sorted(set(official_state) - used)
+  if missing or unused:
+    raise checkpoints.CheckpointMismatchError("The model does not fit the Hugging Face layout.\n"
+                                  f"{len(missing)} target keys without a source: {missing}\n"
+                                  f"{len(unused)} variables without a target: {unused}")
+  return exported
+
+
+def hf_model(config: Mapping[str, Any]):
+  """transformers' DetrForObjectDetection (DetrForSegmentation with `masks`) of the architecture
+  `config` (a `model_config` dict), with an HF-ResNet backbone and random weights: the export target.
+
+  Raises:
+    ValueError: DC5 or pre-norm, which transformers' DETR lacks for its own ResNet backbone.
+  """
+  from transformers import DetrConfig, DetrForObjectDetection, DetrForSegmentation, ResNetConfig
+  if config["dilation"] or config["pre_norm"]:
+    raise ValueError(f"{detr_lib.describe(config)}: transformers' DETR has no DC5 or pre-norm with an HF-ResNet backbone.")
+  kind, blocks = backbone_lib.RESNET_LAYOUTS[config["backbone_depth"]]
+  stages = ["stage1", "stage2", "stage3", "stage4"] if config["masks"] else ["stage4"]
+  resnet = ResNetConfig(layer_type=kind, depths=list(blocks), out_features=stages,
+                        hidden_sizes=[w * backbone_lib.EXPANSION[kind] for w in backbone_lib.STAGE_WIDTHS])
+  hf_config = DetrConfig(
+      use_timm_backbone=False, use_pretrained_backbone=False, backbone=None, backbone_config=resnet,
+      num_labels=config["num_classes"], num_queries=config["num_queries"], d_model=config["hidden_dim"],
+      encoder_layers=config["num_encoder_layers"], decoder_layers=config["num_decoder_layers"],
+      encoder_attention_heads=config["num_heads"], decoder_attention_heads=config["num_heads"],
+      encoder_ffn_dim=config["dim_feedforward"], decoder_ffn_dim=config["dim_feedforward"],
+      dropout=config["dropout"], attention_dropout=config["dropout"], activation_dropout=config["dropout"],
+      # Off whatever the model's aux_loss: transformers' auxiliary mode feeds each layer's normed output to the next
+      # layer (the official decoder feeds the un-normed one), which would change the exported model's outputs.
+      position_embedding_type=config["position_embedding"], auxiliary_loss=False)
+  return (DetrForSegmentation if config["masks"] else DetrForObjectDetection)(hf_config)
+
+
+def save_hf_pretrained(model: detr_lib.DETR, variables, directory: str) -> None:
+  """Writes a transformers `from_pretrained` directory (config.json, model.safetensors).
+
+  Raises:
+    ValueError: see `hf_model`. checkpoints.CheckpointMismatchError: see `to_hf_state_dict`.
+  """
+  import torch
+  target = hf_model(detr_lib.model_config(model))
+  state_dict = to_hf_state_dict(variables, target.state_dict().keys())
+  target.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True)
+  target.save_pretrained(directory)
