@@ -14,10 +14,9 @@ from typing import Any, Callable, Mapping, Optional
 import flax.linen as nn
 from jax.sharding import Mesh
 
-from detr_jax import checkpoints, sharding
+from detr_jax import checkpoints, porting, sharding
 from detr_jax.losses import matcher, set_criterion
 from detr_jax.models import detr, postprocess, segmentation
-from detr_jax import porting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +127,7 @@ def model_config(model: nn.Module) -> dict:
 
 
 def describe(model: nn.Module) -> str:
+  """`model`'s one-line name from its family, e.g. "DETR-R50 (91 classes, 100 queries)"."""
   family = of_model(model)
   return family.describe(family.model_config(model))
 
