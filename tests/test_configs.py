@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from detr_jax.losses import matcher
-from detr_jax.models import detr, segmentation
-from detr_jax.training import optim
+from detr_jax import families
 from detr_jax.data import generated, pipeline
+from detr_jax.losses import matcher
+from detr_jax.models import segmentation
+from detr_jax.training import optim
 from tests.helpers import REPO_ROOT
 
 CONFIG_NAMES = sorted(path.stem for path in (REPO_ROOT / "configs").glob("*.py") if path.stem != "__init__")
@@ -61,8 +62,9 @@ def built():
   def build(name):
     if name not in cache:
       config = load_config(name)
-      model = detr.from_config(config.model)
-      cache[name] = config, model, jax.eval_shape(lambda: detr.init_variables(model, jax.random.PRNGKey(0)))
+      model = families.build_model(config.model)
+      init = families.of_config(config.model).init_variables
+      cache[name] = config, model, jax.eval_shape(lambda: init(model, jax.random.PRNGKey(0)))
     return cache[name]
   return build
 
