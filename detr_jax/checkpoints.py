@@ -20,7 +20,9 @@ import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+
+from detr_jax import sharding
 
 MODEL_CONFIG_FILE = "model_config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -114,13 +116,13 @@ def is_model_dir(path: str) -> bool:
 
 
 def _replicated_target(tree_metadata, mesh: Mesh):
-  replicated = NamedSharding(mesh, PartitionSpec())
+  replicated = sharding.replicated(mesh)
   return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), tree_metadata)
 
 
-def read_model_dir(directory: str, mesh: Mesh, step: Optional[int] = None):
-  """(model_config dict, variables replicated on `mesh`) of a checkpoint directory's latest (or
-  given) step: a training state's variables, a ported model's, or a legacy DIR/variables/.
+def read_model_dir(directory: str, mesh: Mesh):
+  """(model_config dict, variables replicated on `mesh`) of a checkpoint directory's latest step:
+  a training state's variables, a ported model's, or a legacy DIR/variables/.
 
   Raises:
     FileNotFoundError: no model_config.json, or no checkpoint in the directory.
@@ -133,10 +135,10 @@ def read_model_dir(directory: str, mesh: Mesh, step: Optional[int] = None):
   legacy = os.path.join(directory, LEGACY_VARIABLES_DIR)
   if os.path.isdir(legacy):
     with ocp.StandardCheckpointer() as checkpointer:
-      return model_config, jax.device_put(checkpointer.restore(legacy), NamedSharding(mesh, PartitionSpec()))
+      return model_config, jax.device_put(checkpointer.restore(legacy), sharding.replicated(mesh))
   items = (MODEL_ITEM,) if os.path.isdir(os.path.join(directory, CHECKPOINT_DIR, "0", MODEL_ITEM)) else ("state",)
   with manager(directory, items=items) as checkpoints:
-    step = checkpoints.latest_step() if step is None else step
+    step = checkpoints.latest_step()
     if step is None:
       raise FileNotFoundError(f"{directory} has no checkpoint under {CHECKPOINT_DIR}/.")
     item = items[0]

@@ -34,7 +34,6 @@ class Family:
     loss_term_names: model -> the names of the logged terms of `criterion`.
     detections: (outputs, original sizes [B, 2]) -> (scores [B, N], labels [B, N], boxes [B, N, 4] xyxy pixels),
       the family's official post-processing for COCO box evaluation.
-    load_pytorch_checkpoint: (path or state dict, dilation, **overrides) -> (model, variables).
     to_pytorch_state_dict: variables -> the official state dict (numpy).
     save_hf_pretrained: (model, variables, directory) -> None, a transformers `from_pretrained` directory.
     fresh_modules: (model, loaded variables, reset_class_head) -> module-path prefixes that keep their
@@ -50,7 +49,6 @@ class Family:
   criterion: Callable[[Any, Optional[Mesh]], Callable]
   loss_term_names: Callable[[Any], list]
   detections: Callable
-  load_pytorch_checkpoint: Callable
   to_pytorch_state_dict: Callable
   save_hf_pretrained: Callable
   fresh_modules: Callable[..., tuple]
@@ -82,8 +80,8 @@ DETR = Family(
     name="detr", model_type=detr.DETR, from_config=detr.from_config, model_config=detr.model_config,
     describe=detr.describe, init_variables=detr.init_variables, criterion=_detr_criterion,
     loss_term_names=_detr_loss_term_names, detections=postprocess.detections,
-    load_pytorch_checkpoint=porting.load_pytorch_checkpoint, to_pytorch_state_dict=porting.to_pytorch_state_dict,
-    save_hf_pretrained=porting.save_hf_pretrained, fresh_modules=_detr_fresh_modules)
+    to_pytorch_state_dict=porting.to_pytorch_state_dict, save_hf_pretrained=porting.save_hf_pretrained,
+    fresh_modules=_detr_fresh_modules)
 
 FAMILIES = {family.name: family for family in (DETR,)}
 DEFAULT = DETR.name

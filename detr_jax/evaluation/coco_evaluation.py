@@ -64,12 +64,12 @@ def make_predict_fn(model: nn.Module, masks: bool = False, panoptic: bool = Fals
 
 def _local_images(predict_fn, variables, dataset, mesh: Mesh):
   """Yields (predictions, image_id, processed size, original size) per real image of this process, in numpy."""
-  spec = sharding.batch_sharding(mesh).spec
-  for batch in pipeline.prefetch_to_mesh(dataset, sharding.batch_sharding(mesh)):
+  batch_sharding = sharding.batch_sharding(mesh)
+  for batch in pipeline.prefetch_to_mesh(dataset, batch_sharding):
     predictions = predict_fn(variables, batch)
     image_info = {k: batch[k] for k in ("image_id", "size", "orig_size", "image_valid")}
     local, info = jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(
-        (predictions, image_info), mesh, spec))
+        (predictions, image_info), mesh, batch_sharding.spec))
     for i in np.flatnonzero(info["image_valid"]):
       yield {k: v[i] for k, v in local.items()}, int(info["image_id"][i]), info["size"][i], info["orig_size"][i]
 

@@ -135,7 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_step = make_train_step(model, family.criterion(config, mesh), tx, mesh, metrics_class,
                                config.optimizer.train_mask_head_only)
   evaluates = sources.can_evaluate(config.data)
-  predict_fn = evaluation.make_predict_fn(model, masks=getattr(model, "masks", False),
+  predict_fn = evaluation.make_predict_fn(model, masks=model.masks,
                                           panoptic=sources.is_panoptic(config.data))
   schedules = optim.learning_rate_schedules(config.optimizer, steps_per_epoch)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
