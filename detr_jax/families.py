@@ -15,8 +15,9 @@ import flax.linen as nn
 from jax.sharding import Mesh
 
 from detr_jax import checkpoints, porting, sharding
+from detr_jax.porting import deformable_huggingface, deformable_official
 from detr_jax.losses import matcher, set_criterion
-from detr_jax.models import detr, postprocess, segmentation
+from detr_jax.models import deformable_detr, detr, postprocess, segmentation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,8 @@ class Family:
     model_config: model -> plain dict of its attributes (the inverse of `from_config`).
     describe: model config mapping -> one-line name for logs and errors, e.g. "DETR-R50 (91 classes, 100 queries)".
     init_variables: (model, PRNG key) -> {"params", "batch_stats"} with the official initialisers.
-    criterion: (config, mesh or None) -> a callable (outputs, batch) -> (loss, terms): matching and set loss.
+    criterion: (config, mesh or None) -> a callable (outputs, batch) -> (loss, terms): matching and set loss;
+      None for a family that cannot be trained yet.
     loss_term_names: model -> the names of the logged terms of `criterion`.
     detections: (outputs, original sizes [B, 2]) -> (scores [B, N], labels [B, N], boxes [B, N, 4] xyxy pixels),
       the family's official post-processing for COCO box evaluation.
@@ -46,7 +48,7 @@ class Family:
   model_config: Callable[[nn.Module], dict]
   describe: Callable[[Mapping[str, Any]], str]
   init_variables: Callable[..., Any]
-  criterion: Callable[[Any, Optional[Mesh]], Callable]
+  criterion: Optional[Callable[[Any, Optional[Mesh]], Callable]]
   loss_term_names: Callable[[Any], list]
   detections: Callable
   to_pytorch_state_dict: Callable
@@ -83,7 +85,28 @@ DETR = Family(
     to_pytorch_state_dict=porting.to_pytorch_state_dict, save_hf_pretrained=porting.save_hf_pretrained,
     fresh_modules=_detr_fresh_modules)
 
-FAMILIES = {family.name: family for family in (DETR,)}
+def _deformable_loss_term_names(model: deformable_detr.DeformableDETR) -> list:
+  layers = model.num_decoder_layers if model.aux_loss else 1
+  return [*set_criterion.term_names(layers), *(("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc") if model.two_stage else ())]
+
+
+def _deformable_fresh_modules(model: deformable_detr.DeformableDETR, loaded, reset_class_head: bool) -> tuple:
+  """Every class head, for fine-tuning on other classes."""
+  if not reset_class_head:
+    return ()
+  return tuple((name,) for name in loaded["params"] if name.startswith("class_embed"))
+
+
+# Deformable DETR (Zhu et al. 2021): the model and its checkpoints; its focal matching and loss
+# (and so training) are not built yet.
+DEFORMABLE_DETR = Family(
+    name="deformable_detr", model_type=deformable_detr.DeformableDETR, from_config=deformable_detr.from_config,
+    model_config=deformable_detr.model_config, describe=deformable_detr.describe,
+    init_variables=deformable_detr.init_variables, criterion=None, loss_term_names=_deformable_loss_term_names,
+    detections=postprocess.top_k_sigmoid_detections, to_pytorch_state_dict=deformable_official.to_pytorch_state_dict,
+    save_hf_pretrained=deformable_huggingface.save_hf_pretrained, fresh_modules=_deformable_fresh_modules)
+
+FAMILIES = {family.name: family for family in (DETR, DEFORMABLE_DETR)}
 DEFAULT = DETR.name
 
 
@@ -116,6 +139,11 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
   """
   attributes = {k: v for k, v in dict(model_config).items() if k != "name"}
   return of_config(model_config).from_config(attributes)
+
+
+def has_masks(model: nn.Module) -> bool:
+  """Whether `model` predicts segment masks (DETR's panoptic model)."""
+  return bool(getattr(model, "masks", False))
 
 
 def model_config(model: nn.Module) -> dict:

@@ -27,14 +27,21 @@ def hf_detr(depth=50, dilation=False, num_labels=91, seed=0, segmentation=False,
   model = (DetrForSegmentation if segmentation else DetrForObjectDetection)(config)
   detector = model.detr if segmentation else model
   if dilation:
-    stage = detector.model.backbone.model.encoder.stages[3]
-    stage.layers[0].shortcut.convolution.stride = (1, 1)
-    stage.layers[0].layer[1].convolution.stride = (1, 1)
-    for block in stage.layers[1:]:
-      block.layer[1].convolution.dilation = (2, 2)
-      block.layer[1].convolution.padding = (2, 2)
+    dilate_last_stage(detector.model.backbone.model)
   randomise_parameters(model)
   return model.eval()
+
+
+def dilate_last_stage(resnet) -> None:
+  """torchvision's `replace_stride_with_dilation=[False, False, True]` (DC5) applied to an HF
+  ResNet in place: layer4's strides become 1, the 3x3 convs of its later blocks get dilation 2
+  and padding 2."""
+  stage = resnet.encoder.stages[3]
+  stage.layers[0].shortcut.convolution.stride = (1, 1)
+  stage.layers[0].layer[1].convolution.stride = (1, 1)
+  for block in stage.layers[1:]:
+    block.layer[1].convolution.dilation = (2, 2)
+    block.layer[1].convolution.padding = (2, 2)
 
 
 def randomise_parameters(model) -> None:

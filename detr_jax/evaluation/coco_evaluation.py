@@ -217,7 +217,7 @@ def evaluate(model: nn.Module, variables, data_dir: str, split: str, batch_size:
   image_ids = records.image_ids[:max_images] if max_images else records.image_ids
   dataset = pipeline.eval_dataset(records, batch_size // jax.process_count(), options, max_images=max_images,
                                   keep_segment_masks=keep_segment_masks)
-  predict_fn = predict_fn or make_predict_fn(model, masks=model.masks and score_ap, panoptic=panoptic)
+  predict_fn = predict_fn or make_predict_fn(model, masks=families.has_masks(model) and score_ap, panoptic=panoptic)
   png_dir = os.path.join(output_dir, "panoptic") if output_dir and panoptic else None
   if png_dir:
     os.makedirs(png_dir, exist_ok=True)

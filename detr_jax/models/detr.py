@@ -3,7 +3,7 @@
 Paper: Carion et al., "End-to-End Object Detection with Transformers", ECCV 2020, Sec. 3.2.
 """
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -19,20 +19,26 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class MLP(nn.Module):
-  """Dense layers with ReLU between them (official `MLP`, the box head). PyTorch default init."""
+  """Dense layers with ReLU between them (official `MLP`, the box head). PyTorch default init,
+  except for the last layer where `last_kernel_init` / `last_bias_init` are given (Deformable DETR
+  zeroes it)."""
 
   hidden_dim: int
   output_dim: int
   num_layers: int
   dtype: Any = jnp.float32
+  last_kernel_init: Optional[Callable] = None
+  last_bias_init: Optional[Callable] = None
 
   @nn.compact
   def __call__(self, x):
     fan_in = x.shape[-1]
     for i in range(self.num_layers):
-      features = self.output_dim if i == self.num_layers - 1 else self.hidden_dim
-      x = nn.Dense(features, dtype=self.dtype, kernel_init=initializers.torch_default_kernel,
-                   bias_init=initializers.torch_default_bias(fan_in), name=f"layers_{i}")(x)
+      last = i == self.num_layers - 1
+      features = self.output_dim if last else self.hidden_dim
+      kernel_init = (last and self.last_kernel_init) or initializers.torch_default_kernel
+      bias_init = (last and self.last_bias_init) or initializers.torch_default_bias(fan_in)
+      x = nn.Dense(features, dtype=self.dtype, kernel_init=kernel_init, bias_init=bias_init, name=f"layers_{i}")(x)
       fan_in = features
       if i < self.num_layers - 1:
         x = nn.relu(x)

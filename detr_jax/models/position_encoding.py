@@ -8,17 +8,19 @@ import jax.numpy as jnp
 
 
 def sine_position_encoding(padding_mask: jnp.ndarray, num_pos_feats: int = 128,
-                           temperature: float = 10000.0) -> jnp.ndarray:
+                           temperature: float = 10000.0, offset: float = 0.0) -> jnp.ndarray:
   """The normalised sine encoding of the paper (Sec. A.4), official `PositionEmbeddingSine`.
 
   Positions are the cumulative count of real pixels down the rows (y) and across the columns
-  (x), divided by the last value + 1e-6 and scaled to [0, 2*pi]; each axis gives
+  (x), plus `offset`, divided by the last count + 1e-6 and scaled to 2*pi; each axis gives
   `num_pos_feats` channels, sin on even and cos on odd frequencies, interleaved.
 
   Args:
     padding_mask: [B, h, w] bool, True on padded positions.
     num_pos_feats: channels per axis (hidden_dim // 2).
     temperature: frequency base.
+    offset: added to the counts before normalising: 0 in DETR, -0.5 in Deformable DETR (its
+      `PositionEmbeddingSine`, which places each position at its pixel centre).
 
   Returns:
     [B, h, w, 2 * num_pos_feats] float32, channels ordered [y, x].
@@ -27,8 +29,8 @@ def sine_position_encoding(padding_mask: jnp.ndarray, num_pos_feats: int = 128,
   y_embed = jnp.cumsum(not_mask, axis=1)
   x_embed = jnp.cumsum(not_mask, axis=2)
   eps, scale = 1e-6, 2 * math.pi
-  y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
-  x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
+  y_embed = (y_embed + offset) / (y_embed[:, -1:, :] + eps) * scale
+  x_embed = (x_embed + offset) / (x_embed[:, :, -1:] + eps) * scale
   dim_t = jnp.arange(num_pos_feats, dtype=jnp.float32)
   dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
 

@@ -1,4 +1,5 @@
-"""Post-processing: detections for COCO box evaluation (official `PostProcess`, models/detr.py),
+"""Post-processing: detections for COCO box evaluation (official `PostProcess` of DETR and of
+Deformable DETR, models/detr.py and models/deformable_detr.py),
 their instance masks (`PostProcessSegm`) and panoptic segments (`PostProcessPanoptic`,
 models/segmentation.py)."""
 
@@ -29,6 +30,29 @@ def detections(outputs, original_sizes):
   height, width = original_sizes[:, 0], original_sizes[:, 1]
   scale = jnp.stack([width, height, width, height], axis=-1).astype(jnp.float32)[:, None, :]
   return scores, labels, box_ops.cxcywh_to_xyxy(outputs["pred_boxes"]) * scale
+
+
+def top_k_sigmoid_detections(outputs, original_sizes, num_detections: int = 100):
+  """Deformable DETR's post-processing (official `PostProcess`, models/deformable_detr.py): the
+  `num_detections` best (query, class) pairs by sigmoid probability; a query may appear once per class.
+
+  Args:
+    outputs: the model's dict with "pred_logits" [B, Q, K] sigmoid logits (no "no object"
+      column) and "pred_boxes" [B, Q, 4] (cxcywh normalised to the unpadded image).
+    original_sizes: [B, 2] (height, width) in pixels of the original images.
+    num_detections: how many pairs to keep per image (official 100), at most Q * K.
+  Returns:
+    scores [B, N] float32 in descending order, labels [B, N] int32 (class index = COCO category
+    id), boxes [B, N, 4] float32 xyxy in original-image pixels, N = num_detections.
+  """
+  logits = outputs["pred_logits"]
+  num_classes = logits.shape[-1]
+  scores, flat_index = jax.lax.top_k(jax.nn.sigmoid(logits.reshape(logits.shape[0], -1)), num_detections)
+  queries = flat_index // num_classes
+  boxes = jnp.take_along_axis(box_ops.cxcywh_to_xyxy(outputs["pred_boxes"]), queries[..., None], axis=1)
+  height, width = original_sizes[:, 0], original_sizes[:, 1]
+  scale = jnp.stack([width, height, width, height], axis=-1).astype(jnp.float32)[:, None, :]
+  return scores, (flat_index % num_classes).astype(jnp.int32), boxes * scale
 
 
 def instance_masks(pred_masks, processed_sizes, padded_size):

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from detr_jax.models import initializers
 
 
-def _layer_norm(dtype, name):
-  # LayerNorm eps of PyTorch (Flax defaults to 1e-6); statistics are reduced in float32.
+def layer_norm(dtype, name):
+  """nn.LayerNorm with PyTorch's eps 1e-5 (Flax defaults to 1e-6); statistics are reduced in float32."""
   return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name)
 
 
@@ -123,7 +123,7 @@ class EncoderLayer(nn.Module):
   def __call__(self, src, pos, padding_mask, deterministic: bool):
     attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, name="self_attn")
     ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="ffn")
-    norm1, norm2 = _layer_norm(self.dtype, "norm1"), _layer_norm(self.dtype, "norm2")
+    norm1, norm2 = layer_norm(self.dtype, "norm1"), layer_norm(self.dtype, "norm2")
     drop = lambda x: Dropout(self.dropout)(x, deterministic=deterministic)
 
     if self.pre_norm:
@@ -148,7 +148,7 @@ class DecoderLayer(nn.Module):
     self_attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, name="self_attn")
     cross_attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, name="multihead_attn")
     ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="ffn")
-    norm1, norm2, norm3 = (_layer_norm(self.dtype, f"norm{i}") for i in (1, 2, 3))
+    norm1, norm2, norm3 = (layer_norm(self.dtype, f"norm{i}") for i in (1, 2, 3))
     drop = lambda x: Dropout(self.dropout)(x, deterministic=deterministic)
     keys = memory + pos
 
@@ -192,11 +192,11 @@ class Transformer(nn.Module):
     for i in range(self.num_encoder_layers):
       memory = EncoderLayer(*layer_args, name=f"encoder_layers_{i}")(memory, pos, padding_mask, deterministic)
     if self.pre_norm:
-      memory = _layer_norm(self.dtype, "encoder_norm")(memory)
+      memory = layer_norm(self.dtype, "encoder_norm")(memory)
 
     query_pos = jnp.broadcast_to(query_pos.astype(self.dtype), (src.shape[0], *query_pos.shape))
     tgt = jnp.zeros_like(query_pos)
-    decoder_norm = _layer_norm(self.dtype, "decoder_norm")
+    decoder_norm = layer_norm(self.dtype, "decoder_norm")
     intermediate = []
     for i in range(self.num_decoder_layers):
       tgt = DecoderLayer(*layer_args, name=f"decoder_layers_{i}")(

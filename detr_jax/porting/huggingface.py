@@ -21,12 +21,10 @@ def _shift_stage(match):
   return f"body.layer{int(match.group(1)) + 1}.{match.group(2)}."
 
 
-# Hugging Face key -> official key, applied in order. Covers the hub files (timm backbone) and
-# the installed transformers (HF ResNet backbone, o_proj, mlp.fc1).
-_HF_RULES = [
+# Hugging Face backbone key -> official key (timm names in the hub files, HF ResNet names in the
+# installed transformers); shared by every family's Hugging Face layout.
+BACKBONE_RULES = [
     (r"^model\.backbone\.(conv_encoder\.)?model\.", "backbone.0.body."),
-    (r"^model\.(backbone\.)?position_embedding\.row_embeddings\.", "backbone.1.row_embed."),
-    (r"^model\.(backbone\.)?position_embedding\.column_embeddings\.", "backbone.1.col_embed."),
     (r"body\.embedder\.embedder\.convolution\.", "body.conv1."),
     (r"body\.embedder\.embedder\.normalization\.", "body.bn1."),
     (r"body\.encoder\.stages\.(\d+)\.layers\.(\d+)\.", _shift_stage),
@@ -34,6 +32,13 @@ _HF_RULES = [
     (r"\.shortcut\.normalization\.", ".downsample.1."),
     (r"\.layer\.(\d+)\.convolution\.", lambda m: f".conv{int(m.group(1)) + 1}."),
     (r"\.layer\.(\d+)\.normalization\.", lambda m: f".bn{int(m.group(1)) + 1}."),
+]
+
+# Hugging Face DETR key -> official key, applied in order. Covers the hub files (timm backbone) and
+# the installed transformers (HF ResNet backbone, o_proj, mlp.fc1).
+_HF_RULES = BACKBONE_RULES + [
+    (r"^model\.(backbone\.)?position_embedding\.row_embeddings\.", "backbone.1.row_embed."),
+    (r"^model\.(backbone\.)?position_embedding\.column_embeddings\.", "backbone.1.col_embed."),
     (r"^model\.(encoder|decoder)\.layers\.", r"transformer.\1.layers."),
     (r"^model\.decoder\.layernorm\.", "transformer.decoder.norm."),
     (r"\.encoder_attn\.", ".multihead_attn."),
@@ -63,8 +68,9 @@ def is_hf_layout(state_dict: Mapping[str, Any]) -> bool:
   return any(k.startswith(("model.", "class_labels_classifier.")) for k in state_dict)
 
 
-def hf_to_official(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Renames a Hugging Face DETR state dict into the official layout.
+def hf_to_official(state_dict: Mapping[str, np.ndarray], rules=None) -> dict[str, np.ndarray]:
+  """Renames a Hugging Face state dict into the official layout (DETR's rules unless `rules`,
+  a list of (pattern, replacement) applied in order, is given).
 
   Separate q/k/v projections are concatenated into `in_proj_weight` [3d, d] / `in_proj_bias`
   (rows q, k, v, as in `nn.MultiheadAttention`); `num_batches_tracked` entries are dropped.
@@ -75,7 +81,7 @@ def hf_to_official(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
   for key, value in state_dict.items():
     if key.endswith("num_batches_tracked"):
       continue
-    target, projection = _official_source(key)
+    target, projection = official_source(key, rules or _HF_RULES)
     if projection:
       qkv.setdefault(target, {})[projection] = value
     else:
@@ -87,11 +93,12 @@ def hf_to_official(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
   return renamed
 
 
-def _official_source(hf_key: str) -> tuple[str, Optional[str]]:
-  """(official key, projection) of a Hugging Face key (without the `detr.` prefix): for a separate
-  q/k/v projection, the fused `in_proj_weight` / `in_proj_bias` key and "q", "k" or "v"."""
+def official_source(hf_key: str, rules=None) -> tuple[str, Optional[str]]:
+  """(official key, projection) of a Hugging Face key (without the `detr.` prefix) under `rules`
+  (default DETR's): for a separate q/k/v projection, the fused `in_proj_weight` / `in_proj_bias`
+  key and "q", "k" or "v"."""
   key = hf_key
-  for pattern, replacement in _HF_RULES:
+  for pattern, replacement in rules or _HF_RULES:
     key = re.sub(pattern, replacement, key)
   match = re.match(r"^(.*)\.([qkv])_proj\.(weight|bias)$", key)
   if match:
@@ -109,10 +116,21 @@ def to_hf_state_dict(variables, hf_keys) -> dict[str, np.ndarray]:
     checkpoints.CheckpointMismatchError: a target key has no source, or a variable has no target.
   """
   official_state = official.without_panoptic_prefix(official.to_pytorch_state_dict(variables))
+  strip = lambda key: key[len(official.PANOPTIC_PREFIX):] if key.startswith(official.PANOPTIC_PREFIX) else key
+  return official_to_hf(official_state, hf_keys, lambda key: official_source(strip(key)))
+
+
+def official_to_hf(official_state: Mapping[str, np.ndarray], hf_keys, source_of) -> dict[str, np.ndarray]:
+  """An official-layout state dict rearranged into the Hugging Face keys `hf_keys`, strictly.
+
+  `source_of(hf_key)` gives (official key, projection) as `official_source` does; a
+  fused `in_proj` is split into its q/k/v rows.
+  Raises:
+    checkpoints.CheckpointMismatchError: a target key has no source, or an official key no target.
+  """
   exported, used, missing = {}, set(), []
   for hf_key in hf_keys:
-    source, projection = _official_source(hf_key[len(official.PANOPTIC_PREFIX):] if hf_key.startswith(official.PANOPTIC_PREFIX)
-                                          else hf_key)
+    source, projection = source_of(hf_key)
     if source not in official_state:
       missing.append(f"{hf_key} (official {source})")
       continue

@@ -27,6 +27,8 @@ _MODULE_RULES = [
     (r"\.encoder_norm\.", ".encoder.norm."),
     (r"\.decoder_norm\.", ".decoder.norm."),
     (r"\.ffn\.", "."),
+    (r"^input_proj_(\d+)_conv\.", r"input_proj.\1.0."),   # Deformable DETR's per-level projections
+    (r"^input_proj_(\d+)_norm\.", r"input_proj.\1.1."),
     (r"_(\d+)\.", r".\1."),
 ]
 _LEAF_NAMES = {"kernel": "weight", "in_proj_kernel": "in_proj_weight", "scale": "weight",
@@ -52,17 +54,18 @@ def official_key(path: tuple[str, ...]) -> str:
   return prefix + _LEAF_NAMES.get(leaf, leaf)
 
 
-def _to_torch_layout(path, value):
+def to_torch_layout(path, value):
+  """A Flax leaf in PyTorch's layout: Dense kernels transposed, conv kernels HWIO -> OIHW."""
   if path[-1].endswith("kernel"):
     return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
   return value
 
 
-def _from_torch_layout(path, value):
+def from_torch_layout(path, value):
+  """The inverse of `to_torch_layout`."""
   if path[-1].endswith("kernel"):
     return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
   return value
-
 
 
 def without_panoptic_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -71,13 +74,14 @@ def without_panoptic_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, n
   return {k[len(PANOPTIC_PREFIX):] if k.startswith(PANOPTIC_PREFIX) else k: v for k, v in state_dict.items()}
 
 
-def _count_indices(keys, prefix):
+def count_indices(keys, prefix) -> int:
+  """How many `prefix<i>.` entries (0, 1, ...) the keys have: max index + 1, or 0."""
   indices = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
   return max(indices) + 1 if indices else 0
 
 
 def infer_resnet_depth(state_dict) -> int:
-  blocks = tuple(_count_indices(state_dict, f"backbone.0.body.layer{i}.") for i in range(1, 5))
+  blocks = tuple(count_indices(state_dict, f"backbone.0.body.layer{i}.") for i in range(1, 5))
   kind = "bottleneck" if "backbone.0.body.layer1.0.conv3.weight" in state_dict else "basic"
   depths = [d for d, layout in backbone_lib.RESNET_LAYOUTS.items() if layout == (kind, blocks)]
   if not depths:
@@ -105,8 +109,8 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], dilation: bool = Fa
       "num_queries": int(num_queries),
       "hidden_dim": int(hidden_dim),
       "num_heads": num_heads,
-      "num_encoder_layers": _count_indices(keys, "transformer.encoder.layers."),
-      "num_decoder_layers": _count_indices(keys, "transformer.decoder.layers."),
+      "num_encoder_layers": count_indices(keys, "transformer.encoder.layers."),
+      "num_decoder_layers": count_indices(keys, "transformer.decoder.layers."),
       "dim_feedforward": int(state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0]),
       "pre_norm": "transformer.encoder.norm.weight" in state_dict,
       "backbone_depth": infer_resnet_depth(state_dict),
@@ -116,8 +120,9 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], dilation: bool = Fa
   }
 
 
-def variable_shapes(model) -> dict[tuple[str, ...], tuple[int, ...]]:
-  shapes = jax.eval_shape(lambda: detr_lib.init_variables(model, jax.random.PRNGKey(0)))
+def variable_shapes(model, init_variables=detr_lib.init_variables) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{(collection, *path): shape} of the variables `init_variables(model, key)` makes, without computing them."""
+  shapes = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0)))
   return {path: leaf.shape for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes)).items()}
 
 
@@ -129,10 +134,10 @@ def fill(shapes, state_dict, what: str):
     checkpoints.CheckpointMismatchError: see `checkpoints.check_fit`.
   """
   by_key = {official_key(path[1:]): path for path in shapes}
-  checkpoints.check_fit({key: _to_torch_layout(path, np.empty(shapes[path], np.float32)).shape
+  checkpoints.check_fit({key: to_torch_layout(path, np.empty(shapes[path], np.float32)).shape
                          for key, path in by_key.items()},
                         {key: np.shape(value) for key, value in state_dict.items()}, what)
-  return {path: _from_torch_layout(path, state_dict[key]) for key, path in by_key.items()}
+  return {path: from_torch_layout(path, state_dict[key]) for key, path in by_key.items()}
 
 
 def load_state_dict(state_dict: Mapping[str, np.ndarray], dilation: bool = False, num_heads: int = 8,
@@ -167,5 +172,5 @@ def to_pytorch_state_dict(variables) -> dict[str, np.ndarray]:
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
   panoptic = any(path[1] in segmentation.MODULE_NAMES for path in flat)
   prefix = lambda path: PANOPTIC_PREFIX if panoptic and path[1] not in segmentation.MODULE_NAMES else ""
-  return {prefix(path) + official_key(path[1:]): np.asarray(_to_torch_layout(path, np.asarray(value, np.float32)))
+  return {prefix(path) + official_key(path[1:]): np.asarray(to_torch_layout(path, np.asarray(value, np.float32)))
           for path, value in flat.items()}

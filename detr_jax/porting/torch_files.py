@@ -1,5 +1,6 @@
 """PyTorch checkpoint files: reading `.pth` / `.bin` / `.safetensors` state dicts, writing `.pth`."""
 
+import argparse
 import os
 from typing import Mapping
 
@@ -25,7 +26,10 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
       state = load_file(path)
     else:
       import torch
-      state = torch.load(path, map_location="cpu", weights_only=True)
+      # The official training checkpoints (the released Deformable DETR files among them) also
+      # pickle their argparse.Namespace of arguments; nothing else beyond tensors is allowed.
+      with torch.serialization.safe_globals([argparse.Namespace]):
+        state = torch.load(path, map_location="cpu", weights_only=True)
   if isinstance(state.get("model"), Mapping):
     state = state["model"]
   arrays = {}

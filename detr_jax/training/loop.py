@@ -105,6 +105,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   _check_batch_sizes(config, mesh)
   model = families.build_model(config.model)
   family = families.of_model(model)
+  if family.criterion is None:
+    raise ValueError(f"config.model.name={family.name!r}: {families.describe(model)} can be evaluated, ported and "
+                     "exported, but its training loss is not built yet; train a 'detr' model.")
   directory = sources.data_dir(config.data, workdir)
   options = pipeline.PipelineOptions.from_config(config.data)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -135,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_step = make_train_step(model, family.criterion(config, mesh), tx, mesh, metrics_class,
                                config.optimizer.train_mask_head_only)
   evaluates = sources.can_evaluate(config.data)
-  predict_fn = evaluation.make_predict_fn(model, masks=model.masks,
+  predict_fn = evaluation.make_predict_fn(model, masks=families.has_masks(model),
                                           panoptic=sources.is_panoptic(config.data))
   schedules = optim.learning_rate_schedules(config.optimizer, steps_per_epoch)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
