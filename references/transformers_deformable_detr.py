@@ -48,7 +48,6 @@ def hf_deformable_detr(num_feature_levels=4, with_box_refine=False, two_stage=Fa
 def _rank_invalid_proposals_last(model) -> None:
   """Padded and invalid positions all reach the proposal class head as LayerNorm(enc_output.bias):
   point that bias against the direction that raises the class-0 logit."""
-  import torch
   head = model.class_embed[model.config.decoder_layers]
   direction = model.model.enc_output_norm.weight * head.weight[0]
   bias = -direction / direction.norm() * 3.0
@@ -60,3 +59,54 @@ def _rank_invalid_proposals_last(model) -> None:
 def hf_state_dict(model) -> dict:
   """The reference's state dict as float32 numpy arrays."""
   return {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+
+
+_LAYER_MODULES = {
+    # transformers module of a layer -> official module (models/deformable_transformer.py).
+    "encoder": {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2", "mlp.fc1": "linear1",
+                "mlp.fc2": "linear2"},
+    "decoder": {"self_attn.o_proj": "self_attn.out_proj", "self_attn_layer_norm": "norm2",
+                "encoder_attn_layer_norm": "norm1", "final_layer_norm": "norm3", "mlp.fc1": "linear1",
+                "mlp.fc2": "linear2"},
+}
+_TRANSFORMER_MODULES = ("level_embed", "reference_points", "enc_output", "enc_output_norm", "pos_trans", "pos_trans_norm")
+
+
+def hf_deformable_to_official_by_hand(state_dict) -> dict[str, np.ndarray]:
+  """transformers' DeformableDetrForObjectDetection state dict renamed to the official keys, written
+  from the official module names independently of `detr_jax.porting` (decoder q/k/v stacked into
+  `in_proj`, `num_batches_tracked` dropped)."""
+  from references.transformers_detr import _official_resnet_key
+  official, projections = {}, {}
+  for key, value in state_dict.items():
+    value = value.detach().numpy() if hasattr(value, "detach") else np.asarray(value)
+    if key.endswith("num_batches_tracked"):
+      continue
+    parts = key.split(".")
+    if parts[:3] == ["model", "backbone", "model"]:
+      name = "backbone.0.body." + _official_resnet_key(parts[3:])
+    elif parts[0] in ("class_embed", "bbox_embed"):
+      name = key
+    elif parts[1] in ("encoder", "decoder") and parts[2] == "layers":
+      kind, layer, module, leaf = parts[1], parts[3], ".".join(parts[4:-1]), parts[-1]
+      base = f"transformer.{kind}.layers.{layer}."
+      if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        projections.setdefault(f"{base}self_attn.in_proj_{leaf}", {})[module[-6]] = value
+        continue
+      if module.startswith("encoder_attn."):
+        module = "cross_attn." + module[len("encoder_attn."):]
+      name = base + _LAYER_MODULES[kind].get(module, module) + "." + leaf
+    elif parts[1] == "decoder" and parts[2] in ("bbox_embed", "class_embed"):
+      name = "transformer." + ".".join(parts[1:])
+    elif parts[1] in _TRANSFORMER_MODULES:
+      name = "transformer." + ".".join(parts[1:])
+    elif parts[1] == "input_proj":
+      name = ".".join(parts[1:])
+    elif parts[1] == "query_position_embeddings":
+      name = "query_embed." + parts[-1]
+    else:
+      raise KeyError(f"no official name for {key}")
+    official[name] = value
+  for name, qkv in projections.items():
+    official[name] = np.concatenate([qkv["q"], qkv["k"], qkv["v"]])
+  return official

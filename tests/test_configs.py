@@ -79,8 +79,15 @@ def test_config_builds(name, built):
   config, model, variables = built(name)
   assert set(variables) == {"params", "batch_stats"}
   params = flax.traverse_util.flatten_dict(variables["params"])
-  assert params[("class_embed", "kernel")].shape == (config.model.hidden_dim, config.model.num_classes + 1)
-  assert params[("query_embed",)].shape == (config.model.num_queries, config.model.hidden_dim)
+  hidden, classes, queries = config.model.hidden_dim, config.model.num_classes, config.model.num_queries
+  if config.model.name == "detr":
+    assert params[("class_embed", "kernel")].shape == (hidden, classes + 1)   # + "no object"
+    assert params[("query_embed",)].shape == (queries, hidden)
+  else:
+    refine = config.model.with_box_refine
+    assert params[("class_embed_0" if refine else "class_embed", "kernel")].shape == (hidden, classes)   # sigmoid
+    if not config.model.two_stage:
+      assert params[("query_embed",)].shape == (queries, 2 * hidden)
   assert any(path[0] in segmentation.MODULE_NAMES for path in params) == bool(config.model.get("masks", False))
   # What the training code needs besides the model.
   for name_ in ("batch_size", "eval_batch_size"):
@@ -125,6 +132,37 @@ def test_official_recipe(name, built):
   assert (config.optimizer.lr, config.optimizer.lr_backbone, config.optimizer.weight_decay,
           config.optimizer.clip_max_norm) == (1e-4, 1e-5, 1e-4, 0.1)
   assert (config.num_epochs, config.optimizer.lr_drop_epochs) == ((25, 15) if masks else (300, 200))
+
+
+# The official Deformable DETR variants (README table; trainable counts from the reference sheet):
+# (num_feature_levels, dilation, with_box_refine, two_stage, trainable parameters).
+OFFICIAL_DEFORMABLE = {
+    "deformable_detr_r50_single_scale": (1, False, False, False, 33_844_193),
+    "deformable_detr_r50_single_scale_dc5": (1, True, False, False, 33_844_193),
+    "deformable_detr_r50": (4, False, False, False, 39_847_265),
+    "deformable_detr_r50_refine": (4, False, True, False, 40_627_260),
+    "deformable_detr_r50_two_stage": (4, False, True, True, 40_959_129),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_DEFORMABLE))
+def test_official_deformable_recipe(name, built):
+  levels, dilation, refine, two_stage, trainable = OFFICIAL_DEFORMABLE[name]
+  config, model, variables = built(name)
+  assert (model.num_feature_levels, model.dilation, model.with_box_refine, model.two_stage) == (
+      levels, dilation, refine, two_stage)
+  assert (model.num_classes, model.num_queries, model.hidden_dim, model.num_heads, model.num_encoder_layers,
+          model.num_decoder_layers, model.dim_feedforward, model.dropout, model.enc_n_points, model.dec_n_points,
+          model.backbone_depth, model.aux_loss) == (91, 300, 256, 8, 6, 6, 1024, 0.1, 4, 4, 50, True)
+  params = flax.traverse_util.flatten_dict(variables["params"])
+  assert sum(x.size for path, x in params.items() if optim.parameter_group(path) != optim.FROZEN) == trainable
+  optimizer = config.optimizer
+  assert (optimizer.lr, optimizer.lr_backbone, optimizer.lr_linear_proj_mult, optimizer.weight_decay,
+          optimizer.clip_max_norm, optimizer.lr_drop_epochs) == (2e-4, 2e-5, 0.1, 1e-4, 0.1, 40)
+  assert (config.num_epochs, config.batch_size) == (50, 32)
+  loss = config.loss
+  assert (loss.class_cost, loss.bbox_cost, loss.giou_cost, loss.focal_alpha, loss.cls_loss_coef, loss.bbox_loss_coef,
+          loss.giou_loss_coef) == (2.0, 5.0, 2.0, 0.25, 2.0, 5.0, 2.0)
 
 
 def test_trainable_counts():

@@ -1,6 +1,10 @@
-"""Hugging Face transformers' Deformable DETR layout (`DeformableDetrForObjectDetection`, the
-installed transformers' names): reading it through the official layout, and writing
-`from_pretrained` directories.
+"""Hugging Face transformers' Deformable DETR layouts (`DeformableDetrForObjectDetection`): reading
+them through the official layout, and writing `from_pretrained` directories.
+
+Two layouts are read: the installed transformers' module names (`state_dict()`: HF-ResNet backbone
+under `model.backbone.model`, `o_proj`, `mlp.fc1`) and the names its `save_pretrained` writes and
+the hub files use (`model.backbone.conv_encoder.model`, timm or HF-ResNet backbone names,
+`out_proj`, `fc1`).
 
 Mind the decoder's norms: transformers' `self_attn_layer_norm` is the official `norm2` and
 `encoder_attn_layer_norm` is `norm1` (the official decoder names them in another order).
@@ -29,8 +33,8 @@ _RULES = huggingface.BACKBONE_RULES + [
     (r"(decoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm3."),
     (r"(decoder\.layers\.\d+)\.encoder_attn\.", r"\1.cross_attn."),
     (r"\.o_proj\.", ".out_proj."),
-    (r"\.mlp\.fc1\.", ".linear1."),
-    (r"\.mlp\.fc2\.", ".linear2."),
+    (r"\.(mlp\.)?fc1\.", ".linear1."),
+    (r"\.(mlp\.)?fc2\.", ".linear2."),
 ]
 
 
