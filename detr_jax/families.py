@@ -4,7 +4,8 @@ A family is chosen by name: `config.model.name` in a config, "name" in a checkpo
 directory's model_config.json (absent in directories written before families existed: "detr").
 train.py, eval.py and the porting CLI ask the family; they never branch on it.
 
-DETR (Carion et al. 2020) is the first member. docs/architecture.md says how to add one.
+DETR (Carion et al. 2020) and Deformable DETR (Zhu et al. 2021) are the members;
+docs/architecture.md says how to add one.
 """
 
 import dataclasses
@@ -16,7 +17,7 @@ from jax.sharding import Mesh
 
 from detr_jax import checkpoints, porting, sharding
 from detr_jax.porting import deformable_huggingface, deformable_official
-from detr_jax.losses import matcher, set_criterion
+from detr_jax.losses import focal_criterion, matcher, set_criterion
 from detr_jax.models import deformable_detr, detr, postprocess, segmentation
 
 
@@ -31,8 +32,7 @@ class Family:
     model_config: model -> plain dict of its attributes (the inverse of `from_config`).
     describe: model config mapping -> one-line name for logs and errors, e.g. "DETR-R50 (91 classes, 100 queries)".
     init_variables: (model, PRNG key) -> {"params", "batch_stats"} with the official initialisers.
-    criterion: (config, mesh or None) -> a callable (outputs, batch) -> (loss, terms): matching and set loss;
-      None for a family that cannot be trained yet.
+    criterion: (config, mesh or None) -> a callable (outputs, batch) -> (loss, terms): matching and set loss.
     loss_term_names: model -> the names of the logged terms of `criterion`.
     detections: (outputs, original sizes [B, 2]) -> (scores [B, N], labels [B, N], boxes [B, N, 4] xyxy pixels),
       the family's official post-processing for COCO box evaluation.
@@ -48,7 +48,7 @@ class Family:
   model_config: Callable[[nn.Module], dict]
   describe: Callable[[Mapping[str, Any]], str]
   init_variables: Callable[..., Any]
-  criterion: Optional[Callable[[Any, Optional[Mesh]], Callable]]
+  criterion: Callable[[Any, Optional[Mesh]], Callable]
   loss_term_names: Callable[[Any], list]
   detections: Callable
   to_pytorch_state_dict: Callable
@@ -85,9 +85,17 @@ DETR = Family(
     to_pytorch_state_dict=porting.to_pytorch_state_dict, save_hf_pretrained=porting.save_hf_pretrained,
     fresh_modules=_detr_fresh_modules)
 
+def _deformable_criterion(config, mesh: Optional[Mesh]) -> focal_criterion.FocalSetCriterion:
+  loss = config.loss
+  return focal_criterion.FocalSetCriterion(
+      num_classes=config.model.num_classes,
+      cost_weights=matcher.CostWeights(loss.class_cost, loss.bbox_cost, loss.giou_cost, loss.focal_alpha),
+      cls_loss_coef=loss.cls_loss_coef, bbox_loss_coef=loss.bbox_loss_coef, giou_loss_coef=loss.giou_loss_coef,
+      focal_alpha=loss.focal_alpha, solver=loss.solver, mesh=mesh)
+
+
 def _deformable_loss_term_names(model: deformable_detr.DeformableDETR) -> list:
-  layers = model.num_decoder_layers if model.aux_loss else 1
-  return [*set_criterion.term_names(layers), *(("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc") if model.two_stage else ())]
+  return focal_criterion.focal_term_names(model.num_decoder_layers if model.aux_loss else 1, model.two_stage)
 
 
 def _deformable_fresh_modules(model: deformable_detr.DeformableDETR, loaded, reset_class_head: bool) -> tuple:
@@ -97,12 +105,11 @@ def _deformable_fresh_modules(model: deformable_detr.DeformableDETR, loaded, res
   return tuple((name,) for name in loaded["params"] if name.startswith("class_embed"))
 
 
-# Deformable DETR (Zhu et al. 2021): the model and its checkpoints; its focal matching and loss
-# (and so training) are not built yet.
 DEFORMABLE_DETR = Family(
     name="deformable_detr", model_type=deformable_detr.DeformableDETR, from_config=deformable_detr.from_config,
     model_config=deformable_detr.model_config, describe=deformable_detr.describe,
-    init_variables=deformable_detr.init_variables, criterion=None, loss_term_names=_deformable_loss_term_names,
+    init_variables=deformable_detr.init_variables, criterion=_deformable_criterion,
+    loss_term_names=_deformable_loss_term_names,
     detections=postprocess.top_k_sigmoid_detections, to_pytorch_state_dict=deformable_official.to_pytorch_state_dict,
     save_hf_pretrained=deformable_huggingface.save_hf_pretrained, fresh_modules=_deformable_fresh_modules)
 

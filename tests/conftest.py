@@ -1,11 +1,12 @@
-"""Shared fixtures: the real coco-mini data and the reference key lists."""
+"""Shared fixtures: the real coco-mini data, loss-test targets and the reference key lists."""
 
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
-from references.coco_mini import COCO_MINI
+from references.coco_mini import COCO_MINI, coco_targets, coco_train_image_ids
 from references.official_preprocessing import padded_batch
 from tests.helpers import SHARED_REFERENCE, require_shared_file
 
@@ -30,3 +31,14 @@ def official_shapes():
   path = SHARED_REFERENCE / "official-state-dict-keys.json"
   require_shared_file(path, "the reference key lists live in ../shared/reference (env DETR_JAX_REFERENCE)")
   return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def batch_targets(coco_mini):
+  """Loss-test targets: 8 real coco-mini train images (0 to 40+ boxes) plus an image without
+  targets, padded to 100 boxes; and the unpadded per-image (labels, boxes) lists."""
+  ids = coco_train_image_ids(coco_mini, 8)
+  padded, lists = coco_targets(coco_mini, ids, max_boxes=100)
+  padded = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in padded.items()}
+  lists.append((np.zeros(0, np.int32), np.zeros((0, 4), np.float32)))
+  return padded, lists

@@ -82,6 +82,22 @@ def tiny_config(data_dir, **overrides):
   return config
 
 
+def tiny_deformable_config(data_dir, **overrides):
+  """`tiny_config` with a Deformable DETR of the same size (ResNet-18, width 64, 1 encoder and 2
+  decoder layers, 12 queries, 2 sampling points), 4 feature levels, refinement and two-stage:
+  every part trains."""
+  from configs import deformable_detr_r50_two_stage
+  recipe = deformable_detr_r50_two_stage.get_config()
+  config = tiny_config(data_dir, **overrides)
+  config.model = recipe.model
+  config.model.update(hidden_dim=64, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=128, num_queries=12,
+                      backbone_depth=18, enc_n_points=2, dec_n_points=2)
+  config.loss = recipe.loss
+  config.loss.solver = "device"
+  config.optimizer.lr_linear_proj_mult = recipe.optimizer.lr_linear_proj_mult
+  return config
+
+
 def instrumented_train_step(monkeypatch, on_call):
   """Wraps the loop's make_train_step so that on_call(call_index, batch) -> batch sees each step."""
   original = loop.make_train_step

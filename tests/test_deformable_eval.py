@@ -9,7 +9,6 @@ detections.json.
 import json
 
 import numpy as np
-import pytest
 
 from detr_jax import evaluation
 from references.transformers_deformable_detr import hf_deformable_detr
@@ -42,13 +41,3 @@ def test_eval_py_on_a_transformers_safetensors_file(coco_mini, tmp_path):
   for name, value in rescored.items():
     np.testing.assert_equal(metrics[name], value, err_msg=name)
 
-
-def test_training_is_refused_before_anything_is_written(tmp_path):
-  from configs import deformable_detr_r50
-  from detr_jax import training
-  config = deformable_detr_r50.get_config()
-  config.batch_size = config.eval_batch_size = 8
-  workdir = tmp_path / "workdir"
-  with pytest.raises(ValueError, match="training loss is not built yet"):
-    training.train_and_evaluate(config, str(workdir))
-  assert not workdir.exists()

@@ -13,7 +13,6 @@ from transformers import DetrConfig, ResNetConfig
 from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss, HungarianMatcher
 
 from detr_jax import losses
-from references.coco_mini import coco_targets, coco_train_image_ids
 from tests.helpers import as_model_outputs, random_outputs
 
 TOLERANCE = 1e-5
@@ -30,16 +29,6 @@ def hf_loss(logits, boxes, target_lists):
   loss, loss_dict, _ = ForObjectDetectionLoss(logits_t[-1], labels, "cpu", boxes_t[-1], config, logits_t, boxes_t)
   loss.backward()
   return loss.item(), {k: v.item() for k, v in loss_dict.items()}, logits_t.grad.numpy(), boxes_t.grad.numpy()
-
-
-@pytest.fixture(scope="module")
-def batch_targets(coco_mini):
-  # 8 real images (0 to 40+ boxes) plus an image without targets, padded to 100 boxes.
-  ids = coco_train_image_ids(coco_mini, 8)
-  padded, lists = coco_targets(coco_mini, ids, max_boxes=100)
-  padded = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in padded.items()}
-  lists.append((np.zeros(0, np.int32), np.zeros((0, 4), np.float32)))
-  return padded, lists
 
 
 @pytest.mark.parametrize("solver", ["host", "device"])

@@ -22,7 +22,7 @@ from detr_jax.data import pipeline
 from detr_jax.models import postprocess
 from references.transformers_detr import hf_detr
 from tests.helpers import (LOSS_TERMS, REPO_ROOT, instrumented_train_step, require_shared_file, run_on_cpu_devices,
-                           tiny_config)
+                           tiny_config, tiny_deformable_config)
 
 
 
@@ -34,7 +34,7 @@ args = json.loads(sys.argv[1])
 if "process_id" in args:
   jax.distributed.initialize(f"localhost:{args['port']}", args["num_processes"], args["process_id"])
 from detr_jax import summaries, training
-from tests.helpers import LOSS_TERMS, instrumented_train_step, tiny_config
+from tests.helpers import LOSS_TERMS, instrumented_train_step, tiny_config, tiny_deformable_config
 calls = []
 def on_call(index, batch):
   calls.append(index)
@@ -42,7 +42,8 @@ def on_call(index, batch):
     os.kill(os.getpid(), signal.SIGTERM)   # the preemption notice reaches one host
   return batch
 instrumented_train_step(pytest.MonkeyPatch(), on_call)
-config = tiny_config(args["data_dir"], num_train_steps=args.get("steps", 2),
+make_config = tiny_deformable_config if args.get("family") == "deformable_detr" else tiny_config
+config = make_config(args["data_dir"], num_train_steps=args.get("steps", 2),
                      checkpoint_every_steps=args.get("checkpoint_every_steps", 2))
 state = training.train_and_evaluate(config, args["workdir"])
 scalars = summaries.read_scalars(args["workdir"]) if jax.process_index() == 0 else {}
@@ -67,15 +68,18 @@ def _max_parameter_difference(workdir_a, workdir_b) -> float:
   return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), a, b)))
 
 
-def test_one_and_eight_devices_train_alike(coco_mini, tmp_path):
-  args = lambda name: json.dumps({"data_dir": str(coco_mini), "workdir": str(tmp_path / name)})
+@pytest.mark.parametrize("family", ["detr", "deformable_detr"])
+def test_one_and_eight_devices_train_alike(coco_mini, tmp_path, family):
+  args = lambda name: json.dumps({"data_dir": str(coco_mini), "workdir": str(tmp_path / name), "family": family})
   one = run_on_cpu_devices(TRAIN_SCRIPT, args("one"), devices=1)
   eight = run_on_cpu_devices(TRAIN_SCRIPT, args("eight"), devices=8)
   assert (one["devices"], eight["devices"]) == (1, 8)
   assert one["loss"]["1"] != one["loss"]["2"]
   _assert_same_losses(one, eight, atol=1e-5)   # same global batch of 8; float summation order differs
-  # Two AdamW steps move each element by ~2 * lr = 4e-4; measured difference 2.2e-7.
-  assert _max_parameter_difference(tmp_path / "one", tmp_path / "eight") <= 1e-6
+  # Two AdamW steps move each element by ~2 * lr = 4e-4; measured difference 2.2e-7 (DETR), 1.5e-6
+  # (Deformable DETR, whose sampling gradients are scatter-adds summed in another order; the issue asks 1e-5).
+  tolerance = {"detr": 1e-6, "deformable_detr": 1e-5}[family]
+  assert _max_parameter_difference(tmp_path / "one", tmp_path / "eight") <= tolerance
 
 
 def _free_port():
@@ -121,8 +125,9 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(coco_mini, 
   assert [(out["step"], out["calls"]) for out in resumed] == [(saved + 2, 2), (saved + 2, 2)]
 
 
-def test_sigterm_then_resume_equals_uninterrupted_run(coco_mini, tmp_path, monkeypatch):
-  config = tiny_config(coco_mini, batch_size=2, num_train_steps=6)
+@pytest.mark.parametrize("make_config", [tiny_config, tiny_deformable_config], ids=["detr", "deformable_detr"])
+def test_sigterm_then_resume_equals_uninterrupted_run(coco_mini, tmp_path, monkeypatch, make_config):
+  config = make_config(coco_mini, batch_size=2, num_train_steps=6)
   config.loss.solver = "host"
   image_ids = {"full": [], "split": []}
   run = {"name": "full", "kill_at": None}

@@ -2,7 +2,9 @@
 
 The cost of assigning query q to target t is
     class_cost * (-p_q(label_t)) + bbox_cost * L1(box_q, box_t) + giou_cost * (-GIoU(box_q, box_t))
-with cxcywh boxes for L1 and xyxy for GIoU. Costs for every decoder layer and image are computed
+with cxcywh boxes for L1 and xyxy for GIoU, p the softmax probability (DETR). With a focal alpha
+(Deformable DETR's official `models/matcher.py`) the class term is the focal cost of the sigmoid
+probability instead: alpha (1 - p)^2 (-log p) - (1 - alpha) p^2 (-log(1 - p)). Costs for every decoder layer and image are computed
 in one jitted computation; each [queries x valid targets] block is then solved exactly, either
 host-side with scipy's `linear_sum_assignment` (one `jax.pure_callback` per step) or on device
 with `optax.assignment.hungarian_algorithm` under `vmap`.
@@ -28,27 +30,42 @@ SOLVERS = ("host", "device")
 
 
 class CostWeights(NamedTuple):
-  """Weights of the matching cost terms (official defaults 1, 5, 2)."""
+  """Weights of the matching cost terms (official DETR 1, 5, 2; Deformable DETR 2, 5, 2), and the
+  focal alpha of a sigmoid classifier (Deformable DETR 0.25; None: softmax, DETR)."""
   class_cost: float = 1.0
   bbox_cost: float = 5.0
   giou_cost: float = 2.0
+  focal_alpha: Optional[float] = None
+
+
+def focal_class_cost(pred_logits, alpha: float, gamma: float = 2.0):
+  """The focal classification cost of every class (official Deformable DETR `HungarianMatcher`):
+  [..., K] sigmoid logits -> [..., K] float32, the positive focal term minus the negative one."""
+  prob = jax.nn.sigmoid(pred_logits.astype(jnp.float32))
+  negative = (1 - alpha) * prob**gamma * -jnp.log(1 - prob + 1e-8)
+  positive = alpha * (1 - prob)**gamma * -jnp.log(prob + 1e-8)
+  return positive - negative
 
 
 def matching_cost(pred_logits, pred_boxes, labels, boxes, weights: CostWeights = CostWeights()):
   """Pairwise matching costs.
 
   Args:
-    pred_logits: [..., Q, K + 1] class logits ("no object" last).
+    pred_logits: [..., Q, K + 1] class logits ("no object" last), or [..., Q, K] sigmoid logits
+      when `weights.focal_alpha` is set.
     pred_boxes: [..., Q, 4] cxcywh, normalised.
     labels: [..., T] int class indices; boxes: [..., T, 4] cxcywh normalised. Leading axes
       broadcast against the predictions' (e.g. targets [B, T] with predictions [L, B, Q]).
-    weights: the three cost weights.
+    weights: the three cost weights and the focal alpha.
   Returns:
     [..., Q, T] float32 costs (entries of padded targets are meaningless; mask them).
   """
-  probs = jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)
-  labels = jnp.broadcast_to(labels, probs.shape[:-2] + labels.shape[-1:])
-  class_cost = -jnp.take_along_axis(probs, labels[..., None, :], axis=-1)
+  if weights.focal_alpha is None:
+    per_class = -jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)
+  else:
+    per_class = focal_class_cost(pred_logits, weights.focal_alpha)
+  labels = jnp.broadcast_to(labels, per_class.shape[:-2] + labels.shape[-1:])
+  class_cost = jnp.take_along_axis(per_class, labels[..., None, :], axis=-1)
   bbox_cost = jnp.abs(pred_boxes[..., :, None, :] - boxes[..., None, :, :]).sum(-1)
   giou = box_ops.pairwise_generalized_box_iou(box_ops.cxcywh_to_xyxy(pred_boxes), box_ops.cxcywh_to_xyxy(boxes))
   return weights.bbox_cost * bbox_cost + weights.class_cost * class_cost - weights.giou_cost * giou
@@ -123,7 +140,8 @@ def match(pred_logits, pred_boxes, labels, boxes, valid, weights: CostWeights = 
   """Matches every decoder layer's predictions to the targets, with no gradient.
 
   Args:
-    pred_logits: [L, B, Q, K + 1]; pred_boxes: [L, B, Q, 4] cxcywh normalised.
+    pred_logits: [L, B, Q, K + 1] (or [L, B, Q, K] with a focal alpha); pred_boxes: [L, B, Q, 4]
+      cxcywh normalised.
     labels: [B, T] int32; boxes: [B, T, 4] cxcywh normalised; valid: [B, T] bool.
     solver: "host" (scipy) or "device" (optax).
     mesh: the device mesh when the batch is sharded over `sharding.BATCH_AXIS`. The host solver then runs

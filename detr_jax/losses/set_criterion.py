@@ -25,7 +25,7 @@ from detr_jax import box_ops
 from detr_jax.losses import matcher as matcher_lib
 
 
-def _at_matched_queries(per_query, query_index):
+def at_matched_queries(per_query, query_index):
   """[..., Q, F] predictions at each target's matched query -> [..., T, F].
 
   Unmatched targets (index -1) read query 0; callers mask them out.
@@ -42,13 +42,18 @@ def term_names(num_layers: int) -> list[str]:
           "class_error"]
 
 
-def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
-  """RetinaNet's focal loss averaged over pixels (official `sigmoid_focal_loss`): [..., P] -> [...]."""
+def focal_terms(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
+  """RetinaNet's focal loss of each logit (Lin et al. 2017, Eq. 5), elementwise: same shape as `logits`."""
   prob = jax.nn.sigmoid(logits)
   cross_entropy = optax.sigmoid_binary_cross_entropy(logits, targets)
   p_t = prob * targets + (1 - prob) * (1 - targets)
   alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-  return (alpha_t * cross_entropy * (1 - p_t) ** gamma).mean(-1)
+  return alpha_t * cross_entropy * (1 - p_t) ** gamma
+
+
+def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
+  """RetinaNet's focal loss averaged over pixels (official `sigmoid_focal_loss`): [..., P] -> [...]."""
+  return focal_terms(logits, targets, alpha, gamma).mean(-1)
 
 
 def dice_loss(logits, targets):
@@ -108,12 +113,12 @@ class SetCriterion:
 
     per_layer = {
         "loss_ce": self._loss_ce(pred_logits, labels, query_index, matched),
-        **self._box_losses(pred_boxes, boxes, query_index, matched, num_boxes),
-        "cardinality_error": self._cardinality_error(pred_logits, valid),
+        **box_losses(pred_boxes, boxes, query_index, matched, num_boxes),
+        "cardinality_error": cardinality_error(pred_logits, valid),
     }
     terms = {name: per_layer[name][-1] for name in PER_LAYER_TERMS}
     terms.update({f"{name}_{i}": per_layer[name][i] for name in PER_LAYER_TERMS for i in range(len(layers) - 1)})
-    terms["class_error"] = self._class_error(pred_logits[-1], labels, query_index[-1], matched[-1])
+    terms["class_error"] = class_error(pred_logits[-1], labels, query_index[-1], matched[-1])
     loss = (per_layer["loss_ce"] + self.bbox_loss_coef * per_layer["loss_bbox"]
             + self.giou_loss_coef * per_layer["loss_giou"]).sum()
     if "pred_masks" in outputs:
@@ -127,7 +132,7 @@ class SetCriterion:
     pred_masks [B, Q, h, w] logits are upsampled bilinearly (align_corners=False, as the official
     `interpolate`) to the targets' [B, T, H, W] padded image size.
     """
-    gathered = _at_matched_queries(pred_masks.reshape(*pred_masks.shape[:2], -1).astype(jnp.float32), query_index)
+    gathered = at_matched_queries(pred_masks.reshape(*pred_masks.shape[:2], -1).astype(jnp.float32), query_index)
     gathered = gathered.reshape(*query_index.shape, *pred_masks.shape[2:])
     upsampled = jax.image.resize(gathered, (*gathered.shape[:2], *target_masks.shape[2:]), "bilinear")
     logits = upsampled.reshape(*upsampled.shape[:2], -1)
@@ -147,24 +152,33 @@ class SetCriterion:
     weight = jnp.where(target_classes == self.num_classes, self.eos_coef, 1.0)
     return (weight * nll).sum(axis=(1, 2)) / weight.sum(axis=(1, 2))
 
-  def _box_losses(self, pred_boxes, boxes, query_index, matched, num_boxes):
-    """L1 (cxcywh) and 1 - GIoU (xyxy) summed over matched pairs, divided by num_boxes: [L] each."""
-    gathered = _at_matched_queries(pred_boxes, query_index)                    # [L, B, T, 4]
-    l1 = jnp.abs(gathered - boxes[None]).sum(-1)
-    giou = box_ops.generalized_box_iou(box_ops.cxcywh_to_xyxy(gathered), box_ops.cxcywh_to_xyxy(boxes)[None])
-    return {"loss_bbox": jnp.where(matched, l1, 0).sum(axis=(1, 2)) / num_boxes,
-            "loss_giou": jnp.where(matched, 1 - giou, 0).sum(axis=(1, 2)) / num_boxes}
 
-  def _cardinality_error(self, pred_logits, valid):
-    """Mean over images of |#queries not predicting "no object" - #targets|: [L]."""
-    logits = jax.lax.stop_gradient(pred_logits)
-    predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(-1)
-    return jnp.abs(predicted - valid.sum(-1)).astype(jnp.float32).mean(-1)
+def box_losses(pred_boxes, boxes, query_index, matched, num_boxes):
+  """L1 (cxcywh) and 1 - GIoU (xyxy) summed over matched pairs, divided by num_boxes.
 
-  def _class_error(self, pred_logits, labels, query_index, matched):
-    """100 - top-1 accuracy (%) of the matched queries' classes (official `accuracy`)."""
-    logits = jax.lax.stop_gradient(pred_logits)
-    matched_logits = _at_matched_queries(logits, query_index)                  # [B, T, K+1]
-    correct = jnp.where(matched, matched_logits.argmax(-1) == labels, False).sum()
-    count = matched.sum()
-    return 100.0 - jnp.where(count > 0, 100.0 * correct / jnp.maximum(count, 1), 0.0)
+  pred_boxes [L, B, Q, 4], boxes [B, T, 4], query_index and matched [L, B, T] -> {"loss_bbox",
+  "loss_giou"}: [L] each.
+  """
+  gathered = at_matched_queries(pred_boxes, query_index)                    # [L, B, T, 4]
+  l1 = jnp.abs(gathered - boxes[None]).sum(-1)
+  giou = box_ops.generalized_box_iou(box_ops.cxcywh_to_xyxy(gathered), box_ops.cxcywh_to_xyxy(boxes)[None])
+  return {"loss_bbox": jnp.where(matched, l1, 0).sum(axis=(1, 2)) / num_boxes,
+          "loss_giou": jnp.where(matched, 1 - giou, 0).sum(axis=(1, 2)) / num_boxes}
+
+
+def cardinality_error(pred_logits, valid):
+  """Mean over images of |#queries whose best class is not the last column - #targets| (official
+  `loss_cardinality`, which Deformable DETR keeps for its sigmoid logits too): [L, B, Q, C] -> [L]."""
+  logits = jax.lax.stop_gradient(pred_logits)
+  predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(-1)
+  return jnp.abs(predicted - valid.sum(-1)).astype(jnp.float32).mean(-1)
+
+
+def class_error(pred_logits, labels, query_index, matched):
+  """100 - top-1 accuracy (%) of the matched queries' classes (official `accuracy`); 100 when
+  nothing is matched. pred_logits [B, Q, C], labels, query_index, matched [B, T] -> scalar."""
+  logits = jax.lax.stop_gradient(pred_logits)
+  matched_logits = at_matched_queries(logits, query_index)                  # [B, T, C]
+  correct = jnp.where(matched, matched_logits.argmax(-1) == labels, False).sum()
+  count = matched.sum()
+  return 100.0 - jnp.where(count > 0, 100.0 * correct / jnp.maximum(count, 1), 0.0)

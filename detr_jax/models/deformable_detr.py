@@ -190,8 +190,9 @@ def init_variables(model: DeformableDETR, rng: jax.Array):
   variables = flax.core.unfreeze(jax.jit(model.init)({"params": rng}, images, mask))
   if model.with_box_refine:
     params = variables["params"]
+    # Copies, not the same arrays: a train state whose leaves share buffers cannot be donated.
     for i in range(1, model.num_heads_per_output):
-      params[f"class_embed_{i}"] = params["class_embed_0"]
-      first_box = params["bbox_embed_0"]
-      params[f"bbox_embed_{i}"] = {**first_box, "layers_2": params[f"bbox_embed_{i}"]["layers_2"]}
+      params[f"class_embed_{i}"] = jax.tree.map(jnp.copy, params["class_embed_0"])
+      params[f"bbox_embed_{i}"] = {**jax.tree.map(jnp.copy, params["bbox_embed_0"]),
+                                   "layers_2": params[f"bbox_embed_{i}"]["layers_2"]}
   return variables

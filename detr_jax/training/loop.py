@@ -105,9 +105,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   _check_batch_sizes(config, mesh)
   model = families.build_model(config.model)
   family = families.of_model(model)
-  if family.criterion is None:
-    raise ValueError(f"config.model.name={family.name!r}: {families.describe(model)} can be evaluated, ported and "
-                     "exported, but its training loss is not built yet; train a 'detr' model.")
   directory = sources.data_dir(config.data, workdir)
   options = pipeline.PipelineOptions.from_config(config.data)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
