@@ -1,14 +1,18 @@
-r"""One DETR-R50 training step, JAX against transformers' PyTorch DETR, side by side in one process.
+r"""One training step of DETR-R50 or Deformable DETR-R50 (+ box refinement), JAX against
+transformers' PyTorch model, side by side in one process.
 
 A step is forward, Hungarian matching, the set loss with auxiliary decoder layers, backward,
-the 0.1 global-norm clip and AdamW (lr 1e-4, backbone 1e-5, stem and layer1 frozen), as in the
-official recipe. Both sides start from the same random weights on the same images and real
-coco-mini targets. JAX: `training.make_train_step` (one jit, host matcher). PyTorch:
-`DetrForObjectDetection(labels=...)` with its DetrLoss, `clip_grad_norm_` and `torch.optim.AdamW`.
+the 0.1 global-norm clip and AdamW with the official groups (DETR: lr 1e-4, backbone 1e-5;
+Deformable DETR: lr 2e-4, backbone 2e-5, sampling offsets and reference points 2e-5; stem and
+layer1 frozen). Both sides start from the same random weights on the same images and real
+coco-mini targets. JAX: `training.make_train_step` with the family's criterion (one jit, host
+matcher). PyTorch: `DetrForObjectDetection(labels=...)` / `DeformableDetrForObjectDetection` with
+their losses (focal matching and loss for Deformable DETR), `clip_grad_norm_` and `torch.optim.AdamW`.
 Prints s/step for each, the ratio PyTorch / JAX (above 1: JAX is faster), and each side's page
 faults in one more step.
 
-  python benchmarks/train_step.py [--batch 2] [--size 512] [--iters 5] [--dtype float32] [--default_allocator]
+  python benchmarks/train_step.py [--model detr|deformable-refine] [--batch 2] [--size 512] [--iters 5]
+      [--dtype float32] [--default_allocator]
 
 On a GPU, PyTorch runs on CUDA in float32 and JAX on the default device in --dtype.
 """
@@ -24,16 +28,28 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.timing import interleaved_median_seconds, minor_page_faults  # noqa: E402
-from configs import detr_r50  # noqa: E402
-from detr_jax import losses, porting, sharding, system, training  # noqa: E402
+from configs import deformable_detr_r50_refine, detr_r50  # noqa: E402
+from detr_jax import families, porting, sharding, system, training  # noqa: E402
 from detr_jax.training import optim  # noqa: E402
 from references.coco_mini import COCO_MINI, coco_targets, coco_train_image_ids  # noqa: E402
+from references.transformers_deformable_detr import hf_deformable_detr  # noqa: E402
 from references.transformers_detr import hf_detr  # noqa: E402
 
 DROPOUT = dict(dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)   # the official model's dropouts
 
 
-def torch_step_fn(model, pixels, pixel_mask, labels, device):
+# name -> (reference model, config of the recipe, {parameter-name keyword: lr} of the official groups)
+MODELS = {
+    "detr": (lambda: hf_detr(50, auxiliary_loss=True, **DROPOUT), detr_r50.get_config,
+             {"backbone": 1e-5, "": 1e-4}),
+    "deformable-refine": (lambda: hf_deformable_detr(with_box_refine=True, auxiliary_loss=True, class_cost=2,
+                                                     **DROPOUT),
+                          deformable_detr_r50_refine.get_config,
+                          {"backbone": 2e-5, "sampling_offsets": 2e-5, "reference_points": 2e-5, "": 2e-4}),
+}
+
+
+def torch_step_fn(model, pixels, pixel_mask, labels, device, group_lrs):
   # transformers' DetrConvEncoder means to freeze only the stem and stage 0, but it looks for
   # "stage.1" in names spelled "stages.1", so it freezes the whole HF-ResNet backbone. The
   # official recipe trains layer2..layer4, so set the flags explicitly.
@@ -41,9 +57,12 @@ def torch_step_fn(model, pixels, pixel_mask, labels, device):
   for name, param in model.named_parameters():
     if "backbone" in name:
       param.requires_grad_(any(stage in name for stage in trained_backbone))
-  backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
-  rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
-  optimizer = torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": 1e-5}], lr=1e-4, weight_decay=1e-4)
+  groups = {keyword: [] for keyword in group_lrs}
+  for name, param in model.named_parameters():
+    if param.requires_grad:
+      groups[next(keyword for keyword in group_lrs if keyword in name)].append(param)
+  optimizer = torch.optim.AdamW([{"params": params, "lr": group_lrs[k]} for k, params in groups.items()],
+                                weight_decay=1e-4)
   model.train()
 
   def step():
@@ -58,13 +77,13 @@ def torch_step_fn(model, pixels, pixel_mask, labels, device):
   return step
 
 
-def jax_step_fn(state_dict, images, mask, targets, dtype):
-  config = detr_r50.get_config()
+def jax_step_fn(config, state_dict, images, mask, targets, dtype):
   model, variables = porting.load_pytorch_checkpoint(state_dict, dtype=dtype)
+  family = families.of_model(model)
   mesh = sharding.create_mesh()
   tx = optim.create(config.optimizer, steps_per_epoch=1000)
-  criterion = losses.SetCriterion(num_classes=91, mesh=mesh)
-  metrics_class = training.metric_collection(losses.term_names(model.num_decoder_layers))
+  criterion = family.criterion(config, mesh)
+  metrics_class = training.metric_collection(family.loss_term_names(model))
   train_step = training.make_train_step(model, criterion, tx, mesh, metrics_class)
   # Replicated on the mesh as train.py places it; an unplaced state would compile the step twice.
   state = jax.device_put(training.create_train_state(variables, tx, seed=0), NamedSharding(mesh, PartitionSpec()))
@@ -80,6 +99,7 @@ def jax_step_fn(state_dict, images, mask, targets, dtype):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="detr", choices=sorted(MODELS))
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--size", type=int, default=512)
   parser.add_argument("--iters", type=int, default=5)
@@ -91,7 +111,8 @@ def main():
   if not args.default_allocator:
     system.retain_freed_host_memory()   # as train.py does; PyTorch's side gains from it too
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  reference = hf_detr(50, auxiliary_loss=True, **DROPOUT)
+  make_reference, make_config, group_lrs = MODELS[args.model]
+  reference = make_reference()
   state_dict = {k: v.clone() for k, v in reference.state_dict().items()}
   rng = np.random.default_rng(0)
   images = rng.normal(size=(args.batch, args.size, args.size, 3)).astype(np.float32)
@@ -100,10 +121,11 @@ def main():
   labels = [{"class_labels": torch.from_numpy(l).long().to(device), "boxes": torch.from_numpy(b).to(device)}
             for l, b in per_image]
   pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
-  torch_step = torch_step_fn(reference.to(device), pixels, torch.from_numpy(mask).long().to(device), labels, device)
-  jax_step = jax_step_fn(state_dict, images, mask, targets, args.dtype)
+  torch_step = torch_step_fn(reference.to(device), pixels, torch.from_numpy(mask).long().to(device), labels, device,
+                             group_lrs)
+  jax_step = jax_step_fn(make_config(), state_dict, images, mask, targets, args.dtype)
 
-  print(f"DETR-R50 training step, batch {args.batch}, {args.size}x{args.size}, {sum(len(l) for l, _ in per_image)} "
+  print(f"{args.model} (R50) training step, batch {args.batch}, {args.size}x{args.size}, {sum(len(l) for l, _ in per_image)} "
         f"targets; JAX {jax.__version__} on {jax.devices()[0].device_kind} ({args.dtype}); torch {torch.__version__} "
         f"on {device} (float32, {torch.get_num_threads()} threads); median of {args.iters} alternating steps "
         f"after a warm-up")

@@ -1,6 +1,9 @@
-r"""Plots a training run's loss terms from its TensorBoard summaries to a PNG.
+r"""Plots training runs' loss terms from their TensorBoard summaries to a PNG, runs overlaid.
 
-  python docs/plot_losses.py WORKDIR OUT.png [--title TEXT]
+  python docs/plot_losses.py WORKDIR [WORKDIR ...] OUT.png [--labels A,B] [--title TEXT]
+
+The total loss of different families sums different weighted terms (DETR's cross-entropy,
+Deformable DETR's focal loss x2); the box terms and errors compare directly.
 """
 
 import argparse
@@ -21,22 +24,27 @@ PANELS = (("loss", "total loss (all decoder layers)"), ("loss_ce", "loss_ce (las
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("workdir")
-  parser.add_argument("output")
+  parser.add_argument("paths", nargs="+", help="the workdirs, then the output PNG")
+  parser.add_argument("--labels", default="", help="comma-separated legend entries, one per workdir")
   parser.add_argument("--title", default="")
   args = parser.parse_args()
-  scalars = summaries.read_scalars(args.workdir)
+  *workdirs, output = args.paths
+  labels = args.labels.split(",") if args.labels else [os.path.basename(w.rstrip("/")) for w in workdirs]
+  runs = [summaries.read_scalars(workdir) for workdir in workdirs]
   figure, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-  for ax, (tag, label) in zip(axes.flat, PANELS):
-    steps = sorted(scalars[tag])
-    ax.plot(steps, [scalars[tag][s] for s in steps])
-    ax.set_title(label, fontsize=10)
+  for ax, (tag, title) in zip(axes.flat, PANELS):
+    for scalars, label in zip(runs, labels):
+      steps = sorted(scalars[tag])
+      ax.plot(steps, [scalars[tag][s] for s in steps], label=label)
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
+  if len(runs) > 1:
+    axes.flat[0].legend(fontsize=9)
   figure.suptitle(args.title)
   figure.tight_layout()
-  figure.savefig(args.output, dpi=90)
-  print(f"wrote {args.output}")
+  figure.savefig(output, dpi=90)
+  print(f"wrote {output}")
 
 
 if __name__ == "__main__":
