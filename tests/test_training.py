@@ -129,6 +129,10 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(coco_mini, 
 def test_sigterm_then_resume_equals_uninterrupted_run(coco_mini, tmp_path, monkeypatch, make_config):
   config = make_config(coco_mini, batch_size=2, num_train_steps=6)
   config.loss.solver = "host"
+  if config.model.name == "deformable_detr":
+    # Single-scale, one-stage compiles in half the time; its sampling offsets and reference points
+    # still carry the extra optimiser group. test_one_and_eight_devices_train_alike trains every module.
+    config.model.update(num_feature_levels=1, with_box_refine=False, two_stage=False)
   image_ids = {"full": [], "split": []}
   run = {"name": "full", "kill_at": None}
 
