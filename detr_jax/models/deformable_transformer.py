@@ -27,12 +27,18 @@ def inverse_sigmoid(x: jnp.ndarray, eps: float = 1e-5) -> jnp.ndarray:
   return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))
 
 
+def valid_sizes(padding_mask: jnp.ndarray) -> jnp.ndarray:
+  """[B, h, w] bool (True = padded) -> [B, 2] float32 (unpadded width, unpadded height) in positions,
+  counted along the first row and column as the official code counts them."""
+  valid_height = jnp.sum(~padding_mask[:, :, 0], axis=1).astype(jnp.float32)
+  valid_width = jnp.sum(~padding_mask[:, 0, :], axis=1).astype(jnp.float32)
+  return jnp.stack([valid_width, valid_height], axis=-1)
+
+
 def valid_ratios(padding_mask: jnp.ndarray) -> jnp.ndarray:
   """[B, h, w] bool (True = padded) -> [B, 2] float32: unpadded width / w and height / h (official `get_valid_ratio`)."""
   _, height, width = padding_mask.shape
-  valid_height = jnp.sum(~padding_mask[:, :, 0], axis=1).astype(jnp.float32)
-  valid_width = jnp.sum(~padding_mask[:, 0, :], axis=1).astype(jnp.float32)
-  return jnp.stack([valid_width / width, valid_height / height], axis=-1)
+  return valid_sizes(padding_mask) / np.array([width, height], np.float32)
 
 
 def encoder_reference_points(spatial_shapes: Sequence[tuple[int, int]], ratios: jnp.ndarray) -> jnp.ndarray:
@@ -71,12 +77,9 @@ def encoder_proposals(memory: jnp.ndarray, padding_mask: jnp.ndarray, spatial_sh
   proposals, start = [], 0
   for level, (height, width) in enumerate(spatial_shapes):
     mask = padding_mask[:, start:start + height * width].reshape(batch, height, width)
-    valid_height = jnp.sum(~mask[:, :, 0], axis=1).astype(jnp.float32)
-    valid_width = jnp.sum(~mask[:, 0, :], axis=1).astype(jnp.float32)
     y, x = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij")
     grid = np.stack([x, y], axis=-1)[None]
-    scale = jnp.stack([valid_width, valid_height], axis=-1)[:, None, None, :]
-    centre = (grid + 0.5) / scale
+    centre = (grid + 0.5) / valid_sizes(mask)[:, None, None, :]
     size = jnp.full_like(centre, 0.05 * 2.0**level)
     proposals.append(jnp.concatenate([centre, size], axis=-1).reshape(batch, -1, 4))
     start += height * width

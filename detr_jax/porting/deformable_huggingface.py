@@ -100,8 +100,5 @@ def save_hf_pretrained(model: deformable_detr.DeformableDETR, variables, directo
   Raises:
     ValueError: see `hf_model`. checkpoints.CheckpointMismatchError: see `to_hf_state_dict`.
   """
-  import torch
   target = hf_model(deformable_detr.model_config(model))
-  state_dict = to_hf_state_dict(variables, target.state_dict().keys())
-  target.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True)
-  target.save_pretrained(directory)
+  huggingface.write_pretrained(target, to_hf_state_dict(variables, target.state_dict().keys()), directory)

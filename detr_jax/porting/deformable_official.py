@@ -87,12 +87,6 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], dilation: bool = Fa
   }
 
 
-def _keys_of(model: deformable_detr.DeformableDETR):
-  shapes = official.variable_shapes(model, deformable_detr.init_variables)
-  return shapes, {path: official_keys(path[1:], model.num_decoder_layers, model.with_box_refine, model.two_stage)
-                  for path in shapes}
-
-
 def load_state_dict(state_dict: Mapping[str, np.ndarray], dilation: bool = False, num_heads: int = 8, **overrides):
   """An official-layout Deformable DETR state dict as a Flax DeformableDETR, strictly.
 
@@ -110,22 +104,12 @@ def load_state_dict(state_dict: Mapping[str, np.ndarray], dilation: bool = False
   """
   config = {**infer_model_config(state_dict, dilation, num_heads), **overrides}
   model = deformable_detr.from_config(config)
-  what = deformable_detr.describe(config)
-  shapes, keys = _keys_of(model)
-  expected = {key: official.to_torch_layout(path, np.empty(shapes[path], np.float32)).shape
-              for path, path_keys in keys.items() for key in path_keys}
-  checkpoints.check_fit(expected, {key: np.shape(value) for key, value in state_dict.items()}, what)
-  unequal = [path_keys for path_keys in keys.values()
-             if any(not np.array_equal(state_dict[path_keys[0]], state_dict[k]) for k in path_keys[1:])]
-  if unequal:
-    shared = "one head shared by every decoder layer" if not model.with_box_refine else "one module stored twice"
-    raise checkpoints.CheckpointMismatchError(
-        f"The checkpoint does not fit {what}: it stores {shared} under several keys, but "
-        f"{len(unequal)} of them differ between copies, e.g. {unequal[0]}. A checkpoint with a distinct head per "
-        "decoder layer is a refinement model (with_box_refine=True).")
-  filled = {path: jax.numpy.asarray(official.from_torch_layout(path, state_dict[path_keys[0]]))
-            for path, path_keys in keys.items()}
-  return model, flax.traverse_util.unflatten_dict(filled)
+  filled = official.fill(
+      official.variable_shapes(model, deformable_detr.init_variables), state_dict, deformable_detr.describe(config),
+      keys_of=lambda path: official_keys(path, model.num_decoder_layers, model.with_box_refine, model.two_stage),
+      copies="one module stored twice" if model.with_box_refine else "one head shared by every decoder layer",
+      copies_hint=" A checkpoint with a distinct head per decoder layer is a refinement model (with_box_refine=True).")
+  return model, flax.traverse_util.unflatten_dict({path: jax.numpy.asarray(v) for path, v in filled.items()})
 
 
 def to_pytorch_state_dict(variables) -> dict[str, np.ndarray]:

@@ -181,8 +181,13 @@ def save_hf_pretrained(model: detr_lib.DETR, variables, directory: str) -> None:
   Raises:
     ValueError: see `hf_model`. checkpoints.CheckpointMismatchError: see `to_hf_state_dict`.
   """
-  import torch
   target = hf_model(detr_lib.model_config(model))
-  state_dict = to_hf_state_dict(variables, target.state_dict().keys())
+  write_pretrained(target, to_hf_state_dict(variables, target.state_dict().keys()), directory)
+
+
+def write_pretrained(target, state_dict, directory: str) -> None:
+  """Loads `state_dict` (numpy, every key of `target`) into the transformers model `target`
+  strictly and writes it with `save_pretrained` (config.json, model.safetensors)."""
+  import torch
   target.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True)
   target.save_pretrained(directory)

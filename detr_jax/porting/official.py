@@ -126,18 +126,28 @@ def variable_shapes(model, init_variables=detr_lib.init_variables) -> dict[tuple
   return {path: leaf.shape for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes)).items()}
 
 
-def fill(shapes, state_dict, what: str):
+def fill(shapes, state_dict, what: str, keys_of=None, copies: str = "a module", copies_hint: str = ""):
   """Official-layout `state_dict` strictly mapped onto Flax leaves {(collection, *path): shape}
   -> {(collection, *path): array in Flax's layout}.
 
+  `keys_of(path)` lists every key that stores the leaf at `path` (collection excluded), its own
+  first; by default the one `official_key`. A module the official model registers under several
+  names is stored once per name: all copies must be present and equal.
   Raises:
-    checkpoints.CheckpointMismatchError: see `checkpoints.check_fit`.
+    checkpoints.CheckpointMismatchError: see `checkpoints.check_fit`; or copies that differ
+      ("it stores {copies} under several keys, but N of them differ between copies", then `copies_hint`).
   """
-  by_key = {official_key(path[1:]): path for path in shapes}
+  keys = {path: keys_of(path[1:]) if keys_of else [official_key(path[1:])] for path in shapes}
   checkpoints.check_fit({key: to_torch_layout(path, np.empty(shapes[path], np.float32)).shape
-                         for key, path in by_key.items()},
+                         for path, path_keys in keys.items() for key in path_keys},
                         {key: np.shape(value) for key, value in state_dict.items()}, what)
-  return {path: from_torch_layout(path, state_dict[key]) for key, path in by_key.items()}
+  unequal = [path_keys for path_keys in keys.values()
+             if any(not np.array_equal(state_dict[path_keys[0]], state_dict[k]) for k in path_keys[1:])]
+  if unequal:
+    raise checkpoints.CheckpointMismatchError(
+        f"The checkpoint does not fit {what}: it stores {copies} under several keys, but {len(unequal)} of them "
+        f"differ between copies, e.g. {unequal[0]}.{copies_hint}")
+  return {path: from_torch_layout(path, state_dict[path_keys[0]]) for path, path_keys in keys.items()}
 
 
 def load_state_dict(state_dict: Mapping[str, np.ndarray], dilation: bool = False, num_heads: int = 8,
