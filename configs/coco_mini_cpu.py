@@ -19,7 +19,7 @@ def get_config():
   config.data.update(scale=0.25, fixed_size=(336, 336), max_boxes=50)
   config.optimizer.update(lr=2e-4, lr_backbone=2e-4, lr_drop_epochs=1000)
   config.batch_size = 8
-  config.eval_batch_size = 8
+  config.per_device_eval_batch_size = 8
   config.num_epochs = 50
   config.log_every_steps = 10
   config.checkpoint_every_steps = 100

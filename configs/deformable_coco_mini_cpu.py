@@ -17,6 +17,6 @@ def get_config():
                       num_queries=100, backbone_depth=18)
   config.data = cpu.data
   config.optimizer.update(lr_backbone=config.optimizer.lr, lr_drop_epochs=1000)
-  for name in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps"):
+  for name in ("batch_size", "per_device_eval_batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps"):
     config[name] = cpu[name]
   return config

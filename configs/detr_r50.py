@@ -58,7 +58,7 @@ def get_config():
   config.batch_size = 64         # images per step over all devices (official: 2 per GPU on 32 V100s)
   config.num_epochs = 300
   config.num_train_steps = 0     # > 0 overrides num_epochs
-  config.eval_batch_size = 64
+  config.per_device_eval_batch_size = 2   # images per device in evaluation (official: 2 per GPU)
   config.eval_every_steps = 0    # 0: evaluate only when training ends
   config.eval_max_images = 0     # > 0: evaluate on the first N images only
   config.log_every_steps = 100

@@ -16,7 +16,7 @@ import flax.linen as nn
 from jax.sharding import Mesh
 
 from detr_jax import checkpoints, porting, sharding
-from detr_jax.porting import deformable_huggingface, deformable_official
+from detr_jax.porting import deformable_huggingface, deformable_official, torch_files
 from detr_jax.losses import focal_criterion, matcher, set_criterion
 from detr_jax.models import deformable_detr, detr, postprocess, segmentation
 
@@ -40,6 +40,8 @@ class Family:
     save_hf_pretrained: (model, variables, directory) -> None, a transformers `from_pretrained` directory.
     fresh_modules: (model, loaded variables, reset_class_head) -> module-path prefixes that keep their
       fresh initial values when training starts from a checkpoint (`training.state.initial_variables`).
+    score_threshold: the score from which a detection is shown to a person (pictures, predictions):
+      0.7 for DETR's softmax scores, as the official demo notebook; 0.3 for sigmoid scores.
   """
 
   name: str
@@ -54,6 +56,7 @@ class Family:
   to_pytorch_state_dict: Callable
   save_hf_pretrained: Callable
   fresh_modules: Callable[..., tuple]
+  score_threshold: float
 
 
 def _detr_criterion(config, mesh: Optional[Mesh]) -> set_criterion.SetCriterion:
@@ -83,7 +86,7 @@ DETR = Family(
     describe=detr.describe, init_variables=detr.init_variables, criterion=_detr_criterion,
     loss_term_names=_detr_loss_term_names, detections=postprocess.detections,
     to_pytorch_state_dict=porting.to_pytorch_state_dict, save_hf_pretrained=porting.save_hf_pretrained,
-    fresh_modules=_detr_fresh_modules)
+    fresh_modules=_detr_fresh_modules, score_threshold=0.7)
 
 def _deformable_criterion(config, mesh: Optional[Mesh]) -> focal_criterion.FocalSetCriterion:
   loss = config.loss
@@ -111,7 +114,8 @@ DEFORMABLE_DETR = Family(
     init_variables=deformable_detr.init_variables, criterion=_deformable_criterion,
     loss_term_names=_deformable_loss_term_names,
     detections=postprocess.top_k_sigmoid_detections, to_pytorch_state_dict=deformable_official.to_pytorch_state_dict,
-    save_hf_pretrained=deformable_huggingface.save_hf_pretrained, fresh_modules=_deformable_fresh_modules)
+    save_hf_pretrained=deformable_huggingface.save_hf_pretrained, fresh_modules=_deformable_fresh_modules,
+    score_threshold=0.3)
 
 FAMILIES = {family.name: family for family in (DETR, DEFORMABLE_DETR)}
 DEFAULT = DETR.name
@@ -170,6 +174,20 @@ def save_model_dir(directory: str, model: nn.Module, variables) -> None:
   checkpoints.save_model_dir(directory, model_config(model), variables)
 
 
+def check_checkpoint(path: str) -> None:
+  """Raises what `load_model(path)` would before reading anything.
+
+  Raises:
+    FileNotFoundError: nothing at `path` (the kinds of checkpoint it may be are named).
+    extras.MissingExtraError: a PyTorch file without PyTorch installed.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No checkpoint at {path!r}: expected a train.py workdir, a `detr-port import` directory, "
+                            "or a .pth / .safetensors file.")
+  if not os.path.isdir(path) and torch_files.needs_torch(path):
+    torch_files.torch_to_read(path)
+
+
 def load_model(path: str, dilation: bool = False, mesh: Optional[Mesh] = None):
   """(model, variables) from any checkpoint the project reads.
 
@@ -179,7 +197,9 @@ def load_model(path: str, dilation: bool = False, mesh: Optional[Mesh] = None):
   Raises:
     FileNotFoundError: nothing readable at `path`.
     checkpoints.CheckpointMismatchError: a PyTorch file that is not a checkpoint of a known family.
+    ValueError: a corrupt file. extras.MissingExtraError: see `check_checkpoint`.
   """
+  check_checkpoint(path)
   if os.path.isdir(path):
     config, variables = checkpoints.read_model_dir(path, mesh or sharding.create_mesh())
     return build_model(config), variables

@@ -10,16 +10,8 @@ import argparse
 import os
 import sys
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from detr_jax import summaries  # noqa: E402
-
-PANELS = (("loss", "total loss (all decoder layers)"), ("loss_ce", "loss_ce (last layer)"),
-          ("loss_bbox", "loss_bbox (L1, last layer)"), ("loss_giou", "loss_giou (last layer)"),
-          ("class_error", "class_error % (last layer)"), ("cardinality_error", "cardinality_error (last layer)"))
+from detr_jax import visualize  # noqa: E402
 
 
 def main():
@@ -29,22 +21,7 @@ def main():
   parser.add_argument("--title", default="")
   args = parser.parse_args()
   *workdirs, output = args.paths
-  labels = args.labels.split(",") if args.labels else [os.path.basename(w.rstrip("/")) for w in workdirs]
-  runs = [summaries.read_scalars(workdir) for workdir in workdirs]
-  figure, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-  for ax, (tag, title) in zip(axes.flat, PANELS):
-    for scalars, label in zip(runs, labels):
-      steps = sorted(scalars[tag])
-      ax.plot(steps, [scalars[tag][s] for s in steps], label=label)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-  if len(runs) > 1:
-    axes.flat[0].legend(fontsize=9)
-  figure.suptitle(args.title)
-  figure.tight_layout()
-  figure.savefig(output, dpi=90)
-  print(f"wrote {output}")
+  print(f"wrote {visualize.plot_losses(workdirs, output, args.labels.split(',') if args.labels else None, args.title)}")
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def tiny_config(data_dir, **overrides):
   config.model.update(hidden_dim=64, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=128, num_queries=12)
   config.data.update(data_dir=str(data_dir), scale=0.1, fixed_size=(136, 136), eval_split="")
   config.loss.solver = "device"
-  config.update({**dict(batch_size=8, eval_batch_size=8, log_every_steps=1, checkpoint_every_steps=2), **overrides})
+  config.update({**dict(batch_size=8, per_device_eval_batch_size=8, log_every_steps=1, checkpoint_every_steps=2),
+                 **overrides})
   return config
 
 

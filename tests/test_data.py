@@ -178,23 +178,26 @@ def test_bad_inputs_are_named_and_counted(broken_dataset):
   folder, ids, names = broken_dataset
   records = coco.load_coco_folder(str(folder), "val2017")
   skipped = records.skipped.items
-  assert skipped["truncated JPEG (no end-of-image marker)"] == [names[0]]
-  assert skipped["not a JPEG or PNG file"] == [names[1]]
-  assert skipped["missing image file"] == [names[5]]
-  assert skipped["degenerate box (no area after clipping)"] == [2]
-  assert skipped["category id absent from categories"] == [f"annotation 3 (image {ids[7]}, category 999)"]
+  assert skipped["truncated JPEG (no end-of-image marker)"] == [f"image {ids[0]} ({names[0]})"]
+  assert skipped["not a JPEG or PNG file"] == [f"image {ids[1]} ({names[1]})"]
+  assert skipped["missing image file"] == [f"image {ids[5]} ({names[5]})"]
+  assert skipped[coco.DEGENERATE_BOX] == [f"annotation 2 of image {ids[7]} ({names[7]}), bbox [10, 10, 0, 20]"]
+  assert skipped[coco.UNKNOWN_CATEGORY] == [f"annotation 3 of image {ids[7]} ({names[7]}), category 999"]
   kept = records.image_ids.tolist()
   assert set(kept) == {ids[2], ids[3], ids[4], ids[6], ids[7]}
   assert records.row_lengths[kept.index(ids[6])] == 0  # kept for eval without annotations
-  clipped = records.boxes[np.cumsum(records.row_lengths)[kept.index(ids[7])] - 1]
-  np.testing.assert_array_equal(clipped, [0, 0, 50, 50])  # box outside the image, clipped
   # PNG, grayscale and CMYK decode to RGB and go through the pipeline.
   batches = list(pipeline.eval_dataset(records, 5, pipeline.PipelineOptions(scale=0.25), process=(0, 1))
                  .as_numpy_iterator())
   assert sorted(batches[0]["image_id"].tolist()) == sorted(kept)
   assert np.isfinite(batches[0]["image"]).all()
+  # The box partly outside the image is clipped to it by the pipeline: [0, 0, 50, 50] px, cxcywh normalised.
+  index = batches[0]["image_id"].tolist().index(ids[7])
+  height, width = batches[0]["orig_size"][index]
+  clipped = batches[0]["boxes"][index][batches[0]["target_valid"][index]][-1]
+  np.testing.assert_allclose(clipped, np.array([25, 25, 50, 50]) / [width, height, width, height], rtol=1e-6)
   without = coco.load_coco_folder(str(folder), "val2017", keep_empty=False)
-  assert without.skipped.items["image without annotations"] == [names[6]]
+  assert without.skipped.items["image without annotations"] == [f"image {ids[6]} ({names[6]})"]
 
 
 def test_check_cli_reports_errors(broken_dataset, capsys):

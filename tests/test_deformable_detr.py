@@ -195,3 +195,15 @@ def test_postprocess_matches_the_official_one():
   np.testing.assert_array_equal(labels, ref_labels)
   np.testing.assert_allclose(xyxy, ref_boxes, rtol=1e-6, atol=1e-3)
   assert scores.shape == (2, 100)
+
+
+def test_postprocess_keeps_every_pair_of_a_small_model():
+  """12 queries x 5 classes = 60 pairs, fewer than the official 100: all of them, best first."""
+  rng = np.random.default_rng(1)
+  logits = rng.normal(-1, 2, (2, 12, 5)).astype(np.float32)
+  boxes = rng.uniform(0.05, 0.95, (2, 12, 4)).astype(np.float32)
+  scores, labels, xyxy = postprocess.top_k_sigmoid_detections(
+      {"pred_logits": logits, "pred_boxes": boxes}, jnp.asarray([[100, 200], [50, 80]], jnp.float32))
+  assert scores.shape == labels.shape == (2, 60) and xyxy.shape == (2, 60, 4)
+  expected = np.sort(1 / (1 + np.exp(-logits.reshape(2, -1))), axis=1)[:, ::-1]
+  np.testing.assert_allclose(scores, expected, rtol=1e-6)

@@ -23,7 +23,7 @@ def test_eval_py_on_a_transformers_safetensors_file(coco_mini, tmp_path):
   run = run_command("eval.py", "--config", "configs/deformable_detr_r50_refine.py",
                     "--checkpoint", str(tmp_path / "hf" / "model.safetensors"), "--data_dir", str(coco_mini),
                     "--output_dir", str(out), "--max_images", str(IMAGES), "--config.data.scale=0.25",
-                    "--config.eval_batch_size=2")
+                    "--config.per_device_eval_batch_size=2")
   assert run.returncode == 0, run.stderr[-3000:]
   assert "Deformable-DETR-R50 multi-scale + refinement (91 classes, 300 queries)" in run.stdout
 

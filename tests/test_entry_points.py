@@ -28,10 +28,10 @@ SMALL = ("--config.model.hidden_dim=64", "--config.model.num_encoder_layers=1",
          "--config.model.num_decoder_layers=2", "--config.model.dim_feedforward=128",
          "--config.model.num_queries=12", "--config.data.scale=0.1", "--config.data.fixed_size=(136,136)",
          "--config.batch_size=2", "--config.log_every_steps=1")
-TRAIN_FLAGS = (*SMALL, "--config.num_train_steps=3", "--config.eval_every_steps=2",
-               "--config.checkpoint_every_steps=2", "--config.eval_batch_size=4", "--config.eval_max_images=4")
+TRAIN_FLAGS = (*SMALL, "--config.num_train_steps=3", "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
+               "--config.per_device_eval_batch_size=4", "--config.eval_max_images=4")
 NUM_QUERIES, EVAL_IMAGES = 12, 4
-SPLITS = {"train": 64, "val": 16}   # generated.write_coco_folder's defaults
+SPLITS = {"train": 512, "val": 32}   # generated.write_coco_folder's defaults
 
 
 def _env(**extra):
@@ -60,6 +60,20 @@ def _files_digest(directory):
       with open(path, "rb") as f:
         digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
   return digests
+
+
+def _hparams(workdir):
+  """{name: value} of the TensorBoard hparams (the session start) in `workdir`'s event files."""
+  import tensorflow as tf
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  for path in workdir.glob("events.out.tfevents.*"):
+    for record in tf.data.TFRecordDataset(str(path)):
+      for value in tf.compat.v1.Event.FromString(record.numpy()).summary.value:
+        if value.metadata.plugin_data.plugin_name == "hparams":
+          data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+          if data.HasField("session_start_info"):
+            return {k: getattr(v, v.WhichOneof("kind")) for k, v in data.session_start_info.hparams.items()}
+  raise AssertionError(f"no hparams in {workdir}")
 
 
 def _latest_step(workdir):
@@ -91,6 +105,12 @@ def test_train_py_on_generated_config(trained):
   model_config = json.loads((workdir / "model_config.json").read_text())
   assert (model_config["hidden_dim"], model_config["num_queries"], model_config["num_classes"],
           model_config["backbone_depth"]) == (64, NUM_QUERIES, 5, 18)
+  # The whole config, overrides included, as config.json and as hparams with flattened keys.
+  config = json.loads((workdir / "config.json").read_text())
+  assert (config["model"]["hidden_dim"], config["data"]["fixed_size"], config["batch_size"]) == (64, [136, 136], 2)
+  hparams = _hparams(workdir)
+  assert (hparams["model.hidden_dim"], hparams["optimizer.lr"], hparams["data.fixed_size"]) == (
+      64, config["optimizer"]["lr"], "(136, 136)")
 
   # Evaluation every 2 steps and at the end (step 3), nothing else.
   assert sorted(p.name for p in workdir.iterdir() if p.name.startswith("eval_")) == ["eval_2", "eval_3"]
@@ -102,9 +122,17 @@ def test_train_py_on_generated_config(trained):
     assert set(evaluation.METRIC_NAMES) <= metrics[step].keys()
     assert metrics[step]["num_images"] == EVAL_IMAGES
     detections = json.loads((workdir / f"eval_{step}" / "detections.json").read_text())
-    assert len(detections) == EVAL_IMAGES * NUM_QUERIES
+    # Deformable DETR's post-processing: the best (query, class) pairs, here all 12 x 5 of them.
+    assert len(detections) == EVAL_IMAGES * NUM_QUERIES * 5
     assert {d["image_id"] for d in detections} == set(val_ids[:EVAL_IMAGES])
   assert "Evaluation at step 3" in run.stderr and "AR@100" in run.stderr   # the final table is logged
+  assert "pycocotools COCOeval(bbox) on 4 images:\n Average Precision  (AP) @[ IoU=0.50:0.95" in run.stderr
+  assert (workdir / "eval_3" / "metrics_per_category.json").is_file()
+  # Predictions beside the ground truth for the first 4 validation images, the loss plot, and where they are.
+  assert sorted(os.listdir(workdir / "eval_3" / "pictures")) == [f"{i}.jpg" for i in val_ids[:4]]
+  assert (workdir / "losses.png").is_file()
+  assert (f"Done: workdir {workdir}; loss plot {workdir / 'losses.png'}; validation pictures in "
+          f"{workdir / 'eval_3' / 'pictures'}.") in run.stderr
 
   latest, steps = _latest_step(workdir)
   assert latest == 3 and 2 in steps
@@ -121,15 +149,15 @@ def test_train_py_on_generated_config(trained):
 
 def test_porting_export_of_the_workdir(trained, tmp_path):
   import torch
-  from detr_jax import families, porting
+  from detr_jax import families
   workdir, _ = trained
   out = tmp_path / "out.pth"
   run = run_command("-m", "detr_jax.porting", "export", str(workdir), str(out))
   assert run.returncode == 0, run.stderr[-5000:]
   assert f"Exported {workdir} to {out}" in run.stdout
   exported = torch.load(out, weights_only=True)["model"]
-  _, variables = families.load_model(str(workdir))
-  expected = porting.to_pytorch_state_dict(variables)
+  model, variables = families.load_model(str(workdir))
+  expected = families.of_model(model).to_pytorch_state_dict(variables)   # the family's official layout
   assert sorted(exported) == sorted(expected)
   for key, value in expected.items():
     assert exported[key].dtype == torch.float32, key
@@ -159,13 +187,10 @@ def test_rerun_with_another_seed_is_refused(trained, tmp_path):
   assert sorted(p.name for p in workdir.iterdir() if p.name.startswith("eval_")) == ["eval_2", "eval_3"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (("--config.batch_size=3",), "config.batch_size=3 is not a multiple of the 2 devices"),
-    (("--config.batch_size=4", "--config.eval_batch_size=3"), "config.eval_batch_size=3 is not a multiple of the 2 devices"),
-], ids=["batch_size", "eval_batch_size"])
-def test_batch_size_must_divide_over_devices(tmp_path, flags, message):
+def test_batch_size_must_divide_over_devices(tmp_path):
   workdir = tmp_path / "workdir"
-  run = run_command(*train_command(workdir, *flags), timeout=300,
+  message = "config.batch_size=3 is not a multiple of the 2 devices"
+  run = run_command(*train_command(workdir, "--config.batch_size=3"), timeout=300,
                     XLA_FLAGS="--xla_force_host_platform_device_count=2")
   assert run.returncode != 0
   assert message in run.stderr, run.stderr[-3000:]
@@ -186,8 +211,8 @@ def test_two_processes_with_coordinator_flags(trained, tmp_path):
   callbacks beside collectives, see matcher.match)."""
   workdir = tmp_path / "workdir"
   port = _free_port()
-  flags = (*SMALL, "--config.num_train_steps=2", "--config.checkpoint_every_steps=2", "--config.eval_batch_size=2",
-           "--config.data.eval_split=", "--config.loss.solver=device",
+  flags = (*SMALL, "--config.num_train_steps=2", "--config.checkpoint_every_steps=2",
+           "--config.per_device_eval_batch_size=2", "--config.data.eval_split=", "--config.loss.solver=device",
            "--coordinator_address", f"localhost:{port}", "--num_processes", "2")
   runs = [subprocess.Popen([sys.executable, *train_command(workdir, *flags), "--process_id", str(i)],
                            cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -204,35 +229,50 @@ def test_two_processes_with_coordinator_flags(trained, tmp_path):
   assert _latest_step(workdir)[0] == 2
   assert not [p for p in workdir.iterdir() if p.name.startswith("eval_")]
   two, one = summaries.read_scalars(str(workdir)), summaries.read_scalars(str(trained[0]))
+  # Step 1 starts from the same parameters. From step 2 the two runs differ by float rounding
+  # (reduction order over 2 devices), enough for the focal-cost Hungarian matching of this
+  # untrained Deformable DETR to pick another of near-equal assignments; tests/test_training.py
+  # compares 1 and 2 processes over 2 steps on a real-image batch for both families.
   for name in ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"):
     assert sorted(two[name]) == [1, 2], name
-    for step in (1, 2):
-      assert two[name][step] == pytest.approx(one[name][step], abs=1e-5), (name, step)
+    assert two[name][1] == pytest.approx(one[name][1], abs=1e-5), name
 
 
 def test_eval_py_reads_every_checkpoint_kind(trained, tmp_path):
-  """eval.py on the train.py workdir, on the official .pth exported from it, on `porting import`'s
-  directory of that .pth and on the same directory in the layout `porting import` wrote before
-  (DIR/variables/, no family name): the same model, so exactly the metrics of the run's final evaluation."""
-  import orbax.checkpoint as ocp
-  from detr_jax import families
+  """eval.py on the train.py workdir, on the official .pth exported from it and on `porting import`'s
+  directory of that .pth: the same model, so exactly the metrics of the run's final evaluation.
+  (The layout `porting import` wrote before, DIR/variables/ without a family name, held DETR
+  models only: `test_legacy_import_layout_loads` below.)"""
   workdir, _ = trained
-  exported, imported, legacy = tmp_path / "model.pth", tmp_path / "imported", tmp_path / "legacy"
+  exported, imported = tmp_path / "model.pth", tmp_path / "imported"
   assert run_command("-m", "detr_jax.porting", "export", str(workdir), str(exported)).returncode == 0
   assert run_command("-m", "detr_jax.porting", "import", str(exported), str(imported)).returncode == 0
-  model, variables = families.load_model(str(workdir))
-  legacy.mkdir()
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(str(legacy / "variables"), variables)
-  config = families.model_config(model)
-  del config["name"]
-  (legacy / "model_config.json").write_text(json.dumps(config))
 
   expected = json.loads((workdir / "eval_3" / "metrics.json").read_text())
-  for checkpoint in (workdir, exported, imported, legacy):
+  for checkpoint in (workdir, exported, imported):
     out = tmp_path / f"eval_{checkpoint.name}"
     run = run_command("eval.py", "--config", "configs/generated.py", "--checkpoint", str(checkpoint),
                       "--data_dir", str(workdir / "generated_data"), "--output_dir", str(out),
-                      "--max_images", str(EVAL_IMAGES), *SMALL, "--config.eval_batch_size=4")
+                      "--max_images", str(EVAL_IMAGES), *SMALL, "--config.per_device_eval_batch_size=4")
     assert run.returncode == 0, (checkpoint, run.stderr[-3000:])
     assert json.loads((out / "metrics.json").read_text()) == expected, checkpoint
+    assert "does not cover" not in run.stderr, checkpoint   # the model's 5 classes cover ids 1..4
+
+
+def test_legacy_import_layout_loads(tmp_path):
+  """The layout `porting import` wrote before (DIR/variables/ and a model_config.json without a
+  family name, DETR only) still loads, to the same DETR and variables."""
+  import jax
+  import orbax.checkpoint as ocp
+  from configs import coco_mini_cpu
+  from detr_jax import families
+  model = families.build_model(coco_mini_cpu.get_config().model)
+  variables = families.DETR.init_variables(model, jax.random.PRNGKey(0))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(str(tmp_path / "variables"), variables)
+  config = families.model_config(model)
+  del config["name"]
+  (tmp_path / "model_config.json").write_text(json.dumps(config))
+  loaded_model, loaded = families.load_model(str(tmp_path))
+  assert loaded_model == model
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(variables))

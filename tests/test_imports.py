@@ -93,7 +93,7 @@ def test_a_circle_would_be_found():
 
 def test_eval_and_porting_import_no_training_code():
   graph = import_graph([*PACKAGE.rglob("*.py"), REPO_ROOT / "eval.py"])
-  for entry in ("eval.py", "detr_jax.porting.cli", "detr_jax.evaluation", "detr_jax.families"):
+  for entry in ("eval.py", "detr_jax.eval_cli", "detr_jax.porting.cli", "detr_jax.evaluation", "detr_jax.families"):
     training_code = sorted(m for m in _reachable(graph, entry) if m.startswith("detr_jax.training"))
     assert training_code == [], (entry, training_code)
   assert "detr_jax.training.loop" in _reachable(graph, "detr_jax.training")   # the check can see training code

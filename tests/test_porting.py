@@ -198,11 +198,12 @@ def test_cli_writes_nothing_on_error(official_shapes, tmp_path, capsys):
   state_dict = {k: torch.from_numpy(v) for k, v in random_state_dict(official_shapes["detr-r50"]).items()}
   del state_dict["input_proj.bias"]
   torch.save(state_dict, tmp_path / "broken.pth")
-  assert cli.main(["import", str(tmp_path / "broken.pth"), str(tmp_path / "out")]) == 1
-  assert "missing keys:\n  input_proj.bias" in capsys.readouterr().err
-  assert not (tmp_path / "out").exists()
-  assert cli.main(["import", str(tmp_path / "absent.pth"), str(tmp_path / "out")]) == 1
-  assert "No checkpoint file" in capsys.readouterr().err
+  for source, message in (("broken.pth", "missing keys:\n  input_proj.bias"), ("absent.pth", "No checkpoint file")):
+    with pytest.raises(SystemExit) as exit_info:
+      cli.main(["import", str(tmp_path / source), str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("depth, segmentation, position", [(50, False, "sine"), (18, True, "learned")])

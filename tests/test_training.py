@@ -20,6 +20,7 @@ from configs import coco_mini_cpu
 from detr_jax import checkpoints, evaluation, families, sharding, summaries, training
 from detr_jax.data import pipeline
 from detr_jax.models import postprocess
+from detr_jax.training import loop
 from references.transformers_detr import hf_detr
 from tests.helpers import (LOSS_TERMS, REPO_ROOT, instrumented_train_step, require_shared_file, run_on_cpu_devices,
                            tiny_config, tiny_deformable_config)
@@ -166,11 +167,32 @@ def test_sigterm_then_resume_equals_uninterrupted_run(coco_mini, tmp_path, monke
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(coco_mini, tmp_path, monkeypatch):
-  config = tiny_config(coco_mini, batch_size=2, num_train_steps=6, checkpoint_every_steps=2)
-  instrumented_train_step(monkeypatch, lambda index, batch: {**batch, "image": batch["image"] * jnp.nan}
-                           if index == 3 else batch)
+  """The host reads the losses only at log steps and saves (here step 4, a save): the step-3 update
+  is skipped on the device, the run stops naming step 3, and no checkpoint holds a NaN."""
+  config = tiny_config(coco_mini, batch_size=2, num_train_steps=6, checkpoint_every_steps=2, log_every_steps=5)
+  original = loop.make_train_step
+  around_nan_step = {}
+
+  def make(*args):
+    step_fn = original(*args)
+    calls = []
+
+    def wrapped(state, batch):
+      calls.append(None)
+      if len(calls) != 3:
+        return step_fn(state, batch)
+      around_nan_step["before"] = jax.device_get(state)   # the call donates `state`
+      new_state, metrics, loss = step_fn(state, {**batch, "image": batch["image"] * jnp.nan})
+      around_nan_step["after"] = jax.device_get(new_state)
+      return new_state, metrics, loss
+    return wrapped
+  monkeypatch.setattr(loop, "make_train_step", make)
   with pytest.raises(training.NonFiniteLossError, match="Loss is nan at step 3.*step 2"):
     training.train_and_evaluate(config, str(tmp_path))
+  before, after = around_nan_step["before"], around_nan_step["after"]
+  assert int(after.step) == int(before.step) == 2
+  jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+  jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
   with checkpoints.manager(str(tmp_path)) as manager:
     assert max(manager.all_steps()) == 2   # orbax also keeps its first save, at step 1
   _, variables = families.load_model(str(tmp_path))
@@ -263,21 +285,32 @@ def test_evaluation_of_ground_truth_segments(coco_mini, tmp_path):
 
 
 def test_eval_cli_on_ported_checkpoint_matches_pycocotools(coco_mini, tmp_path):
-  """eval.py on a random-weight transformers checkpoint; detections.json re-scored independently."""
+  """eval.py on a random-weight transformers checkpoint; detections.json re-scored independently.
+
+  The model has 80 classes, so coco-mini's category ids 80..90 are beyond it: a warning, not an error. Also
+  checked: what a user sees, the progress bar and pycocotools' summary on stderr (the log), the metrics table
+  alone on stdout, and metrics_per_category.json.
+  """
   import safetensors.torch
   from pycocotools.coco import COCO
   from pycocotools.cocoeval import COCOeval
   checkpoint = tmp_path / "model.safetensors"
-  safetensors.torch.save_file({k: v.contiguous() for k, v in hf_detr(depth=50, seed=3).state_dict().items()},
-                              str(checkpoint))
+  state_dict = hf_detr(depth=50, num_labels=80, seed=3).state_dict()
+  safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, str(checkpoint))
   out = tmp_path / "out"
   run = subprocess.run([sys.executable, "eval.py", "--config", "configs/detr_r50.py", "--checkpoint", str(checkpoint),
                         "--data_dir", str(coco_mini), "--output_dir", str(out), "--max_images", "16",
-                        "--config.data.scale=0.25", "--config.eval_batch_size=8"],
+                        "--config.data.scale=0.25", "--config.per_device_eval_batch_size=8"],
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
   assert run.returncode == 0, run.stderr[-3000:]
-  assert "AR@100" in run.stdout
+  assert "AR@100" in run.stdout and "Average Precision" not in run.stdout
+  assert (f"The model's num_classes=80 does not cover {coco_mini}/val2017, whose category ids go up to 90: "
+          "detections of the categories with ids 80 and above cannot be produced." in run.stderr), run.stderr[-3000:]
+  assert "Evaluating: 100%" in run.stderr
+  assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in run.stderr
+  per_category = json.loads((out / "metrics_per_category.json").read_text())
+  assert len(per_category) == 80 and all(row["AP"] in (0.0, None) for row in per_category if row["category_id"] >= 80)
   metrics = json.loads((out / "metrics.json").read_text())
   detections = json.loads((out / "detections.json").read_text())
   ground_truth = COCO(str(coco_mini / "annotations" / "instances_val2017.json"))
@@ -311,7 +344,7 @@ def test_eval_cli_panoptic_on_ported_segmentation_checkpoint(coco_mini, tmp_path
   run = subprocess.run([sys.executable, "eval.py", "--config", "configs/detr_r50_panoptic.py",
                         "--checkpoint", str(checkpoint), "--data_dir", str(coco_mini), "--split", "train2017",
                         "--output_dir", str(out), "--max_images", "3", "--config.data.scale=0.25",
-                        "--config.eval_batch_size=2"],
+                        "--config.per_device_eval_batch_size=2"],
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
   assert run.returncode == 0, run.stderr[-3000:]
@@ -376,7 +409,7 @@ def test_panoptic_mask_head_trains_on_a_frozen_detector(coco_mini, tmp_path):
   config = tiny_config(coco_mini, batch_size=2, num_train_steps=2)
   config.model.update(masks=True, num_classes=250)
   config.data.update(source="coco_panoptic", max_boxes=60, eval_split="train2017")
-  config.update(eval_max_images=2, eval_batch_size=2)
+  config.update(eval_max_images=2, per_device_per_device_eval_batch_size=2)
   config.optimizer.train_mask_head_only = True
   config.loss.solver = "host"
   model = families.build_model(config.model)

@@ -7,6 +7,7 @@ mask (official `masks_to_boxes`). Crowd segments are kept, as in the official lo
 """
 
 import dataclasses
+import glob
 import json
 import os
 
@@ -58,6 +59,17 @@ def annotation_path(data_dir: str, split: str) -> str:
   return os.path.join(data_dir, "annotations", f"panoptic_{split}.json")
 
 
+def available_splits(data_dir: str) -> list:
+  """The splits that have a panoptic json in `data_dir/annotations`, sorted, e.g. ["train2017", "val2017"]."""
+  paths = glob.glob(annotation_path(data_dir, "*"))
+  return sorted(os.path.basename(path)[len("panoptic_"):-len(".json")] for path in paths)
+
+
+def png_folder(data_dir: str, split: str) -> str:
+  """The segment PNGs of a split: `data_dir/annotations/panoptic_{split}/`."""
+  return os.path.join(data_dir, "annotations", f"panoptic_{split}")
+
+
 def load_panoptic_folder(data_dir: str, split: str = "train2017") -> PanopticRecords:
   """Reads and validates a COCO panoptic split.
 
@@ -67,7 +79,7 @@ def load_panoptic_folder(data_dir: str, split: str = "train2017") -> PanopticRec
   Images or PNGs that are missing, empty or not images are skipped and counted by file name.
   """
   ann_path = annotation_path(data_dir, split)
-  png_dir = os.path.join(data_dir, "annotations", f"panoptic_{split}")
+  png_dir = png_folder(data_dir, split)
   image_dir = os.path.join(data_dir, split)
   for path, isdir in ((ann_path, False), (png_dir, True), (image_dir, True)):
     if not (os.path.isdir(path) if isdir else os.path.isfile(path)):

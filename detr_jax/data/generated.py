@@ -1,7 +1,7 @@
 """A generated COCO-format dataset: the built-in default that needs no download.
 
-Each image is a noisy grey background with 1..`max_objects` solid rectangles; the category is
-the rectangle's colour, so classes and boxes are learnable from pixels. The folder has the
+Each image is a noisy grey background with 1..`max_objects` solid rectangles that do not
+overlap; the category is the rectangle's colour, so classes and boxes are learnable from pixels. The folder has the
 layout of a real COCO folder (`annotations/instances_{split}.json` and `{split}/*.jpg`), so
 training and evaluation run through exactly the code that reads COCO.
 """
@@ -20,19 +20,23 @@ CATEGORIES = (("red", (220, 40, 40)), ("green", (40, 190, 60)), ("blue", (40, 70
 def _image_and_annotations(rng, image_id, first_annotation_id, size_range, max_objects):
   height, width = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
   pixels = rng.normal(128, 20, (height, width, 3))
-  annotations = []
-  for k in range(int(rng.integers(1, max_objects + 1))):
+  annotations, taken = [], np.zeros((height, width), bool)
+  for _ in range(int(rng.integers(1, max_objects + 1))):
     w, h = (int(v) for v in rng.integers((width // 8, height // 8), (width // 2, height // 2)))
     x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+    # Rectangles never overlap, so every box is the whole visible rectangle and can be learnt from
+    # the pixels; one that would overlap is left out.
+    if taken[max(y - 2, 0):y + h + 2, max(x - 2, 0):x + w + 2].any():
+      continue
+    taken[y:y + h, x:x + w] = True
     category = int(rng.integers(len(CATEGORIES)))
     pixels[y:y + h, x:x + w] = np.array(CATEGORIES[category][1]) + rng.normal(0, 10, (h, w, 3))
-    annotations.append({"id": first_annotation_id + k, "image_id": image_id, "category_id": category + 1,
-                        "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
-  # Later rectangles may cover earlier ones; an annotation keeps its full box, as COCO's amodal boxes do.
+    annotations.append({"id": first_annotation_id + len(annotations), "image_id": image_id,
+                        "category_id": category + 1, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
   return np.clip(pixels, 0, 255).astype(np.uint8), annotations
 
 
-def write_coco_folder(directory: str, splits=(("train", 64), ("val", 16)), seed: int = 0,
+def write_coco_folder(directory: str, splits=(("train", 512), ("val", 32)), seed: int = 0,
                       size_range=(160, 256), max_objects: int = 4) -> str:
   """Writes the dataset under `directory` (if not already there) and returns `directory`.
 

@@ -80,16 +80,24 @@ def decode_image(path):
 
 
 def coco_folder_examples(records: coco.CocoRecords):
-  """A function index -> decoded example {"image", "boxes" (xyxy px), "labels", "image_id", "orig_size"}."""
+  """A function index -> decoded example {"image", "boxes" (xyxy px), "labels", "image_id", "orig_size"}.
+
+  As in the official `ConvertCocoPolysToMask`, the boxes are clipped to the decoded image, boxes
+  left with no area are dropped, and orig_size is the decoded (height, width): the json's sizes
+  (`records.sizes`) may be wrong, which `python -m detr_jax.data.check` reports.
+  """
   paths = tf.constant(records.paths)
   image_ids = tf.constant(records.image_ids)
-  sizes = tf.constant(records.sizes)
   boxes = tf.RaggedTensor.from_row_lengths(records.boxes, records.row_lengths)
   labels = tf.RaggedTensor.from_row_lengths(records.labels, records.row_lengths)
 
   def example(index):
-    return {"image": decode_image(paths[index]), "boxes": boxes[index], "labels": labels[index],
-            "image_id": image_ids[index], "orig_size": sizes[index]}
+    image = decode_image(paths[index])
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    clipped = tf.clip_by_value(boxes[index], 0.0, tf.cast(tf.stack([width, height, width, height]), tf.float32))
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    return {"image": image, "boxes": tf.boolean_mask(clipped, keep), "labels": tf.boolean_mask(labels[index], keep),
+            "image_id": image_ids[index], "orig_size": tf.stack([height, width])}
 
   return example
 

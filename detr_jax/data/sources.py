@@ -12,6 +12,7 @@ import os
 
 import ml_collections
 
+from detr_jax import extras
 from detr_jax.data import coco, coco_panoptic, generated, pipeline
 
 SOURCES = ("coco_folder", "coco_panoptic", "generated", "tfds")
@@ -29,6 +30,54 @@ def data_dir(data_config: ml_collections.ConfigDict, workdir: str) -> str:
   if data_config.source == "generated":
     return generated.write_coco_folder(data_config.data_dir or os.path.join(workdir, "generated_data"))
   return data_config.data_dir
+
+
+def check_split(data_config: ml_collections.ConfigDict, directory: str, split: str, *, evaluated: bool,
+                dir_flag: str, split_flag: str) -> None:
+  """Checks, reading and writing nothing, that the inputs of `split` exist, before a command starts work.
+
+  Args:
+    directory: the data folder (`data_dir`'s answer, or a command's flag).
+    evaluated: the split will be scored (a panoptic split then needs its instances json too).
+    dir_flag, split_flag: the command's flags that set the folder and the split, named in the errors.
+  Raises:
+    ValueError: an unknown source.
+    coco.DatasetError: a COCO or panoptic source without a folder, a folder that does not exist,
+      a split without its annotation file (the splits the folder has are listed), or a split's
+      missing image or PNG folder. The contents are the loaders' to check.
+    extras.MissingExtraError: the tfds source without tensorflow-datasets.
+  The generated source is written when it is read, so there is nothing to check.
+  """
+  check(data_config)
+  if data_config.source == "tfds":
+    _tensorflow_datasets()
+  if data_config.source not in ("coco_folder", "coco_panoptic"):
+    return
+  if not directory:
+    raise coco.DatasetError(f"No data folder is set (config.data.source={data_config.source!r}): pass {dir_flag}=DIR.")
+  if not os.path.isdir(directory):
+    raise coco.DatasetError(f"Data folder {directory!r} does not exist: pass {dir_flag}=DIR.")
+  layout = coco_panoptic if is_panoptic(data_config) else coco
+  if not os.path.isfile(layout.annotation_path(directory, split)):
+    splits = layout.available_splits(directory)
+    there = (f"its splits are {', '.join(splits)}" if splits
+             else f"it has no {os.path.relpath(layout.annotation_path(directory, '*'), directory)}")
+    raise coco.DatasetError(f"{directory} has no split {split!r} (no {layout.annotation_path(directory, split)}); "
+                            f"{there}: pass {split_flag}=SPLIT.")
+  needed = [os.path.join(directory, split)]
+  if is_panoptic(data_config):
+    needed.append(coco_panoptic.png_folder(directory, split))
+  for folder in needed:
+    if not os.path.isdir(folder):
+      raise coco.DatasetError(f"{folder} does not exist: split {split!r} of {directory} needs it.")
+  if evaluated and is_panoptic(data_config) and not os.path.isfile(coco.annotation_path(directory, split)):
+    raise coco.DatasetError(f"{coco.annotation_path(directory, split)} does not exist: box AP on split {split!r} "
+                            "needs it beside the panoptic json.")
+
+
+def _tensorflow_datasets():
+  """The tensorflow_datasets module. Raises extras.MissingExtraError without it."""
+  return extras.require("tensorflow_datasets", "config.data.source='tfds'", "tfds")
 
 
 def is_panoptic(data_config: ml_collections.ConfigDict) -> bool:
@@ -59,11 +108,12 @@ def training_dataset(config: ml_collections.ConfigDict, directory: str, options:
   Raises:
     coco.DatasetError: the folder or its annotations are missing or invalid.
     ValueError: an unknown source, or config.model.num_classes below the dataset's category ids.
+    extras.MissingExtraError: the tfds source without tensorflow-datasets.
   """
   data = config.data
   check(data)
   if data.source == "tfds":
-    import tensorflow_datasets as tfds
+    tfds = _tensorflow_datasets()
     num_images = tfds.builder("coco/2017", data_dir=directory or None).info.splits[data.train_split].num_examples
     dataset = pipeline.tfds_dataset(data.train_split, per_process_batch, config.seed, options, train=True,
                                     data_dir=directory or None, start_step=start_step)

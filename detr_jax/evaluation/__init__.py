@@ -2,8 +2,8 @@
 rules (`panoptic_quality.py`). The post-processors they score sit beside the models
 (`models/postprocess.py`)."""
 
-from detr_jax.evaluation.coco_evaluation import (MASK_METRIC_NAMES, METRIC_NAMES, PANOPTIC_METRIC_NAMES, coco_metrics,
-                                                 evaluate, make_predict_fn, metrics_table)
+from detr_jax.evaluation.coco_evaluation import (MASK_METRIC_NAMES, METRIC_NAMES, PANOPTIC_METRIC_NAMES, category_ap,
+                                                 coco_metrics, evaluate, make_predict_fn, metrics_table)
 
-__all__ = ["MASK_METRIC_NAMES", "METRIC_NAMES", "PANOPTIC_METRIC_NAMES", "coco_metrics", "evaluate",
+__all__ = ["MASK_METRIC_NAMES", "METRIC_NAMES", "PANOPTIC_METRIC_NAMES", "category_ap", "coco_metrics", "evaluate",
            "make_predict_fn", "metrics_table"]

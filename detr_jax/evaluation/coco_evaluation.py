@@ -8,22 +8,24 @@ The flow follows the official `engine.evaluate`:
 - on a COCO panoptic split, `PostProcessPanoptic` turns each image into segments (PNG + json in
   the COCO panoptic format) scored with PQ, SQ and RQ (`panoptic_quality`). As in the official
   code, box and mask AP are then measured on the same images against the split's instances json.
-Each process post-processes the images it holds; results are gathered on every process. Used by
-eval.py and by the evaluation during training.
+Each process post-processes the images it holds; results are gathered on every process. Process 0
+shows a progress bar with ETA on stderr; pycocotools' 12-line summaries and the best and worst
+categories by AP are logged at INFO. Used by eval.py and by the evaluation during training.
 """
 
 import collections
 import contextlib
 import io
 import json
-import logging
 import os
-from typing import Optional
+from typing import Iterable, Optional
 
+from absl import logging
 import flax.linen as nn
 import jax
 import numpy as np
 import tensorflow as tf
+import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -62,10 +64,15 @@ def make_predict_fn(model: nn.Module, masks: bool = False, panoptic: bool = Fals
   return jax.jit(predict)
 
 
-def _local_images(predict_fn, variables, dataset, mesh: Mesh):
-  """Yields (predictions, image_id, processed size, original size) per real image of this process, in numpy."""
+def _local_images(predict_fn, variables, dataset: tf.data.Dataset, mesh: Mesh):
+  """Yields (predictions, image_id, processed size, original size) per real image of this process, in numpy.
+
+  Process 0 shows a tqdm progress bar over the batches, with ETA, on stderr; every process runs as many batches.
+  """
   batch_sharding = sharding.batch_sharding(mesh)
-  for batch in pipeline.prefetch_to_mesh(dataset, batch_sharding):
+  batches = tqdm.tqdm(pipeline.prefetch_to_mesh(dataset, batch_sharding), desc="Evaluating", unit="batch",
+                      total=int(dataset.cardinality()), disable=jax.process_index() != 0)
+  for batch in batches:
     predictions = predict_fn(variables, batch)
     image_info = {k: batch[k] for k in ("image_id", "size", "orig_size", "image_valid")}
     local, info = jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(
@@ -104,10 +111,12 @@ def _allgather_json(items: list) -> list:
   return [item for row, length in zip(gathered, lengths) for item in json.loads(row[:length].tobytes())]
 
 
-def coco_metrics(annotation_path: str, results: list[dict], image_ids, iou_type: str = "bbox") -> dict:
-  """pycocotools COCOeval(iou_type) of `results` on `image_ids`; returns METRIC_NAMES -> value.
+def _cocoeval(annotation_path: str, results: list[dict], image_ids, iou_type: str):
+  """pycocotools COCOeval(iou_type) of `results` on `image_ids`, evaluated, accumulated and summarised.
 
-  iou_type: "bbox" (results carry "bbox") or "segm" (results carry an RLE "segmentation").
+  The 12-line summary that pycocotools prints is logged at INFO instead; its loading messages are dropped.
+  Returns:
+    the pycocotools.cocoeval.COCOeval, with its 12 `stats` and its `eval["precision"]`.
   Raises:
     ValueError: `results` is empty.
   """
@@ -122,8 +131,70 @@ def coco_metrics(annotation_path: str, results: list[dict], image_ids, iou_type:
     evaluator.params.imgIds = sorted(int(i) for i in image_ids)
     evaluator.evaluate()
     evaluator.accumulate()
+  with contextlib.redirect_stdout(io.StringIO()) as summary:
     evaluator.summarize()
-  return {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats)}
+  logging.info("pycocotools COCOeval(%s) on %d images:\n%s", iou_type, len(evaluator.params.imgIds),
+               summary.getvalue().rstrip())
+  return evaluator
+
+
+def _summary_metrics(evaluator, prefix: str = "") -> dict:
+  """METRIC_NAMES (with `prefix`) -> value of a summarised COCOeval's 12 stats."""
+  return {prefix + name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats)}
+
+
+def coco_metrics(annotation_path: str, results: list[dict], image_ids, iou_type: str = "bbox") -> dict:
+  """pycocotools COCOeval(iou_type) of `results` on `image_ids`; returns METRIC_NAMES -> value.
+
+  iou_type: "bbox" (results carry "bbox") or "segm" (results carry an RLE "segmentation").
+  pycocotools' 12-line summary is logged at INFO.
+  Raises:
+    ValueError: `results` is empty.
+  """
+  return _summary_metrics(_cocoeval(annotation_path, results, image_ids, iou_type))
+
+
+def _mean_precision(precision: np.ndarray) -> Optional[float]:
+  """Mean of the entries above -1 (COCOeval's mark for "no ground truth"); None where there are none."""
+  defined = precision[precision > -1]
+  return float(np.mean(defined)) if defined.size else None
+
+
+def category_ap(evaluator, prefix: str = "") -> list[dict]:
+  """Per-category AP and AP50 of an accumulated pycocotools COCOeval, computed as pycocotools' summary and
+  detectron2 do.
+
+  COCOeval's eval["precision"] is [T IoU thresholds, R recall points, K categories, A area ranges, M maxDets].
+  A category's AP is the mean of its precisions over IoU 0.5:0.95 and the recall points at area "all" and
+  maxDets 100, ignoring the -1 entries; AP50 the same at IoU 0.5 alone: what COCOeval's stats[0] and stats[1]
+  are with `params.catIds=[category]`.
+  Returns:
+    one dict per category of the ground truth, in id order: "category_id", "name", "num_instances" (non-crowd
+    ground-truth annotations on the evaluated images), f"{prefix}AP" and f"{prefix}AP50" (float in [0, 1], None
+    for a category without ground truth on the evaluated images).
+  """
+  params, ground_truth = evaluator.params, evaluator.cocoGt
+  precision = evaluator.eval["precision"][..., params.areaRngLbl.index("all"), params.maxDets.index(100)]
+  iou_50 = params.iouThrs.tolist().index(0.5)
+  instances = collections.Counter(annotation["category_id"] for image_id in params.imgIds
+                                  for annotation in ground_truth.imgToAnns[image_id] if not annotation.get("iscrowd"))
+  return [{"category_id": category["id"], "name": category["name"], "num_instances": instances[category["id"]],
+           f"{prefix}AP": _mean_precision(precision[:, :, k]),
+           f"{prefix}AP50": _mean_precision(precision[iou_50, :, k])}
+          for k, category in enumerate(ground_truth.loadCats(params.catIds))]
+
+
+def _log_best_and_worst_categories(per_category: Iterable[dict], key: str, count: int = 10) -> None:
+  """Logs the `count` categories with the highest and the lowest `key` ("AP", "mask_AP"), those without ground
+  truth left out."""
+  ranked = sorted((row for row in per_category if row[key] is not None), key=lambda row: row[key], reverse=True)
+  shown = min(count, len(ranked))
+
+  def listing(rows):
+    return ", ".join(f"{row['name']} ({row['category_id']}) {row[key]:.4f}" for row in rows)
+
+  logging.info("%s per category, of %d categories with ground truth:\n%d best: %s\n%d worst: %s", key, len(ranked),
+               shown, listing(ranked[:shown]), shown, listing(ranked[::-1][:shown]))
 
 
 def metrics_table(metrics: dict) -> str:
@@ -193,13 +264,17 @@ def evaluate(model: nn.Module, variables, data_dir: str, split: str, batch_size:
     batch_size: images per step over all processes (a multiple of the mesh's device count).
       Padding is part of the input (as in the official code), so scores vary with it slightly.
     options: resize and padding options (scale, pad_multiple or fixed_size).
-    output_dir: where process 0 writes metrics.json, detections.json (COCO results), for mask
-      models segmentations.json (COCO results with RLE masks) and, with `panoptic`, panoptic.json
-      with the PNGs in panoptic/ (COCO panoptic format; every process writes its own PNGs).
+    output_dir: where process 0 writes metrics.json, detections.json (COCO results),
+      metrics_per_category.json (where AP is scored: `category_ap`'s rows, with "mask_AP" and
+      "mask_AP50" for mask models, null for categories without ground truth), for mask models
+      segmentations.json (COCO results with RLE masks) and, with `panoptic`, panoptic.json with
+      the PNGs in panoptic/ (COCO panoptic format; every process writes its own PNGs).
     max_images: evaluate only the first N images by id.
     predict_fn: a `make_predict_fn(...)`, to reuse its compiled programs across calls.
     keep_segment_masks: keep the ground-truth "segment_masks" ([B, T, H, W] bool) of panoptic
       records in the batches, for a `predict_fn` that reads them; evaluation itself does not.
+  Logs pycocotools' summaries and the 10 best and worst categories by AP (and mask AP) at INFO;
+  process 0 shows a progress bar over the batches on stderr.
   Returns:
     METRIC_NAMES (and MASK_METRIC_NAMES, PANOPTIC_METRIC_NAMES) -> value, with "num_images",
     the same on every process.
@@ -233,17 +308,22 @@ def evaluate(model: nn.Module, variables, data_dir: str, split: str, batch_size:
       scorer.add(prediction, image_id, processed_size, original_size)
   detections, segmentations = _allgather_json(detections), _allgather_json(segmentations)
 
-  metrics = {}
+  metrics, per_category = {}, {}   # per_category: category id -> its row of box (and mask) AP
   if score_ap:
-    metrics.update(coco_metrics(instances_path, detections, image_ids, "bbox"))
-    if segmentations:
-      segm = coco_metrics(instances_path, segmentations, image_ids, "segm")
-      metrics.update({f"mask_{name}": value for name, value in segm.items()})
+    scored = [("bbox", "", detections)] + ([("segm", "mask_", segmentations)] if segmentations else [])
+    for iou_type, prefix, results in scored:
+      evaluator = _cocoeval(instances_path, results, image_ids, iou_type)
+      metrics.update(_summary_metrics(evaluator, prefix))
+      for row in category_ap(evaluator, prefix):
+        per_category.setdefault(row["category_id"], {}).update(row)
+      _log_best_and_worst_categories(per_category.values(), prefix + "AP")
   if scorer:
     metrics.update(scorer.metrics())
   metrics["num_images"] = len(image_ids)
   if output_dir:
     files = {"detections.json": detections, "metrics.json": metrics}
+    if per_category:
+      files["metrics_per_category.json"] = list(per_category.values())
     if segmentations:
       files["segmentations.json"] = segmentations
     if scorer:
@@ -252,5 +332,5 @@ def evaluate(model: nn.Module, variables, data_dir: str, split: str, batch_size:
       os.makedirs(output_dir, exist_ok=True)
       for name, content in files.items():
         with open(os.path.join(output_dir, name), "w") as f:
-          json.dump(content, f, indent=2 if name == "metrics.json" else None)
+          json.dump(content, f, indent=2 if name.startswith("metrics") else None)
   return metrics

@@ -40,14 +40,16 @@ def top_k_sigmoid_detections(outputs, original_sizes, num_detections: int = 100)
     outputs: the model's dict with "pred_logits" [B, Q, K] sigmoid logits (no "no object"
       column) and "pred_boxes" [B, Q, 4] (cxcywh normalised to the unpadded image).
     original_sizes: [B, 2] (height, width) in pixels of the original images.
-    num_detections: how many pairs to keep per image (official 100), at most Q * K.
+    num_detections: how many pairs to keep per image (official 100); a model with fewer
+      pairs (Q * K < num_detections) keeps all of them.
   Returns:
     scores [B, N] float32 in descending order, labels [B, N] int32 (class index = COCO category
-    id), boxes [B, N, 4] float32 xyxy in original-image pixels, N = num_detections.
+    id), boxes [B, N, 4] float32 xyxy in original-image pixels, N = min(num_detections, Q * K).
   """
   logits = outputs["pred_logits"]
   num_classes = logits.shape[-1]
-  scores, flat_index = jax.lax.top_k(jax.nn.sigmoid(logits.reshape(logits.shape[0], -1)), num_detections)
+  flat_scores = jax.nn.sigmoid(logits.reshape(logits.shape[0], -1))
+  scores, flat_index = jax.lax.top_k(flat_scores, min(num_detections, flat_scores.shape[-1]))
   queries = flat_index // num_classes
   boxes = jnp.take_along_axis(box_ops.cxcywh_to_xyxy(outputs["pred_boxes"]), queries[..., None], axis=1)
   height, width = original_sizes[:, 0], original_sizes[:, 1]

@@ -1,22 +1,23 @@
-"""The porting command line (`python -m detr_jax.porting`): import PyTorch checkpoints, export ours.
+"""The porting command line (`detr-port`, or `python -m detr_jax.porting`): import PyTorch checkpoints, export ours.
 
-  python -m detr_jax.porting import SRC.pth OUT_DIR [--dilation]   # a detr_jax checkpoint directory
-  python -m detr_jax.porting export CKPT_DIR DST.pth                # official layout (CKPT_DIR may be a train.py workdir)
-  python -m detr_jax.porting export CKPT_DIR HF_DIR --hf            # a transformers from_pretrained directory
+  detr-port import SRC.pth OUT_DIR [--dilation]   # a detr_jax checkpoint directory
+  detr-port export CKPT_DIR DST.pth                # official layout (CKPT_DIR may be a train.py workdir)
+  detr-port export CKPT_DIR HF_DIR --hf            # a transformers from_pretrained directory
 
-Errors (a missing file, a checkpoint that does not fit) end with one line on stderr and exit
-status 1; nothing is written.
+Errors (a missing or corrupt file, a checkpoint that does not fit, a missing optional package:
+`entry.user_errors`) end with one line on stderr and exit status 1; nothing is written.
 """
 
 import argparse
-import sys
 
-from detr_jax import families, porting
-from detr_jax.porting import torch_files
+from detr_jax import entry, families, porting
+from detr_jax.porting import huggingface, torch_files
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m detr_jax.porting", description=__doc__.split("\n")[0])
+  """Runs the command `argv` (default sys.argv[1:]); returns 0. Exits with status 1 on a user
+  mistake (`entry.user_errors`), 2 on a usage error (argparse)."""
+  parser = argparse.ArgumentParser(prog="detr-port", description=__doc__.split("\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
   import_cmd = commands.add_parser("import", help="PyTorch/HF checkpoint -> detr_jax checkpoint directory")
   import_cmd.add_argument("source")
@@ -29,12 +30,14 @@ def main(argv=None) -> int:
   export_cmd.add_argument("destination")
   export_cmd.add_argument("--hf", action="store_true", help="write transformers' layout (HF-ResNet backbone)")
   args = parser.parse_args(argv)
-  try:
+  with entry.user_errors():
     if args.command == "import":
       model, variables = porting.load_pytorch_checkpoint(args.source, dilation=args.dilation, num_heads=args.num_heads)
       families.save_model_dir(args.out_dir, model, variables)
       print(f"Imported {families.describe(model)} into {args.out_dir}")
     else:
+      if args.hf:   # before the checkpoint is read
+        huggingface.export_libraries("--hf")
       model, variables = families.load_model(args.checkpoint_dir)
       family = families.of_model(model)
       if args.hf:
@@ -42,7 +45,4 @@ def main(argv=None) -> int:
       else:
         torch_files.save_pytorch_checkpoint(family.to_pytorch_state_dict(variables), args.destination)
       print(f"Exported {args.checkpoint_dir} to {args.destination} ({'Hugging Face' if args.hf else 'official'} layout)")
-  except (porting.CheckpointMismatchError, FileNotFoundError, FileExistsError, ValueError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 1
   return 0

@@ -60,16 +60,17 @@ def hf_model(config: Mapping[str, Any]):
 
   Raises:
     ValueError: DC5, which transformers builds only with a timm backbone.
+    extras.MissingExtraError: see `huggingface.export_libraries`.
   """
-  from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+  transformers, _ = huggingface.export_libraries()
   if config["dilation"]:
     raise ValueError(f"{deformable_detr.describe(config)}: transformers' Deformable DETR has no DC5 with an "
                      "HF-ResNet backbone.")
   kind, blocks = backbone_lib.RESNET_LAYOUTS[config["backbone_depth"]]
   widths = [w * backbone_lib.EXPANSION[kind] for w in backbone_lib.STAGE_WIDTHS]
   stages = ["stage2", "stage3", "stage4"] if config["num_feature_levels"] > 1 else ["stage4"]
-  resnet = ResNetConfig(layer_type=kind, depths=list(blocks), hidden_sizes=widths, out_features=stages)
-  hf_config = DeformableDetrConfig(
+  resnet = transformers.ResNetConfig(layer_type=kind, depths=list(blocks), hidden_sizes=widths, out_features=stages)
+  hf_config = transformers.DeformableDetrConfig(
       use_timm_backbone=False, use_pretrained_backbone=False, backbone=None, backbone_config=resnet,
       num_labels=config["num_classes"], num_queries=config["num_queries"], d_model=config["hidden_dim"],
       encoder_layers=config["num_encoder_layers"], decoder_layers=config["num_decoder_layers"],
@@ -80,7 +81,7 @@ def hf_model(config: Mapping[str, Any]):
       decoder_n_points=config["dec_n_points"], with_box_refine=config["with_box_refine"],
       two_stage=config["two_stage"], two_stage_num_proposals=config["num_queries"],
       tie_word_embeddings=not config["with_box_refine"], auxiliary_loss=False)
-  return DeformableDetrForObjectDetection(hf_config)
+  return transformers.DeformableDetrForObjectDetection(hf_config)
 
 
 def to_hf_state_dict(variables, hf_keys) -> dict[str, np.ndarray]:

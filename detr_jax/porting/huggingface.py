@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from detr_jax import checkpoints
+from detr_jax import checkpoints, extras
 from detr_jax.models import backbone as backbone_lib
 from detr_jax.models import detr as detr_lib
 from detr_jax.porting import official
@@ -148,21 +148,31 @@ def official_to_hf(official_state: Mapping[str, np.ndarray], hf_keys, source_of)
   return exported
 
 
+def export_libraries(purpose: str = "exporting to transformers' layout") -> tuple:
+  """(transformers, torch), which the export to transformers' layout needs; the `hf` extra installs both.
+
+  Raises:
+    extras.MissingExtraError: either is not installed; the message names `purpose` (e.g. "--hf").
+  """
+  return tuple(extras.require(module, purpose, "hf") for module in ("transformers", "torch"))
+
+
 def hf_model(config: Mapping[str, Any]):
   """transformers' DetrForObjectDetection (DetrForSegmentation with `masks`) of the architecture
   `config` (a `model_config` dict), with an HF-ResNet backbone and random weights: the export target.
 
   Raises:
     ValueError: DC5 or pre-norm, which transformers' DETR lacks for its own ResNet backbone.
+    extras.MissingExtraError: see `export_libraries`.
   """
-  from transformers import DetrConfig, DetrForObjectDetection, DetrForSegmentation, ResNetConfig
+  transformers, _ = export_libraries()
   if config["dilation"] or config["pre_norm"]:
     raise ValueError(f"{detr_lib.describe(config)}: transformers' DETR has no DC5 or pre-norm with an HF-ResNet backbone.")
   kind, blocks = backbone_lib.RESNET_LAYOUTS[config["backbone_depth"]]
   stages = ["stage1", "stage2", "stage3", "stage4"] if config["masks"] else ["stage4"]
-  resnet = ResNetConfig(layer_type=kind, depths=list(blocks), out_features=stages,
-                        hidden_sizes=[w * backbone_lib.EXPANSION[kind] for w in backbone_lib.STAGE_WIDTHS])
-  hf_config = DetrConfig(
+  resnet = transformers.ResNetConfig(layer_type=kind, depths=list(blocks), out_features=stages,
+                                     hidden_sizes=[w * backbone_lib.EXPANSION[kind] for w in backbone_lib.STAGE_WIDTHS])
+  hf_config = transformers.DetrConfig(
       use_timm_backbone=False, use_pretrained_backbone=False, backbone=None, backbone_config=resnet,
       num_labels=config["num_classes"], num_queries=config["num_queries"], d_model=config["hidden_dim"],
       encoder_layers=config["num_encoder_layers"], decoder_layers=config["num_decoder_layers"],
@@ -172,7 +182,7 @@ def hf_model(config: Mapping[str, Any]):
       # Off whatever the model's aux_loss: transformers' auxiliary mode feeds each layer's normed output to the next
       # layer (the official decoder feeds the un-normed one), which would change the exported model's outputs.
       position_embedding_type=config["position_embedding"], auxiliary_loss=False)
-  return (DetrForSegmentation if config["masks"] else DetrForObjectDetection)(hf_config)
+  return (transformers.DetrForSegmentation if config["masks"] else transformers.DetrForObjectDetection)(hf_config)
 
 
 def save_hf_pretrained(model: detr_lib.DETR, variables, directory: str) -> None:
@@ -188,6 +198,6 @@ def save_hf_pretrained(model: detr_lib.DETR, variables, directory: str) -> None:
 def write_pretrained(target, state_dict, directory: str) -> None:
   """Loads `state_dict` (numpy, every key of `target`) into the transformers model `target`
   strictly and writes it with `save_pretrained` (config.json, model.safetensors)."""
-  import torch
+  _, torch = export_libraries()
   target.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True)
   target.save_pretrained(directory)

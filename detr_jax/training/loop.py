@@ -11,6 +11,7 @@ rate (`optim.py`), matching and the set loss inside the step (`step.py`), a grad
   step, data position and dropout RNG exactly.
 """
 
+import json
 import os
 import signal
 import time
@@ -23,11 +24,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from detr_jax import checkpoints, evaluation, families, sharding
-from detr_jax.data import pipeline, sources
+from detr_jax import checkpoints, evaluation, families, sharding, visualize
+from detr_jax.data import coco, pipeline, sources
 from detr_jax.training import optim
 from detr_jax.training.state import TrainState, abstract_train_state, create_train_state, initial_variables
 from detr_jax.training.step import make_train_step, metric_collection
+
+
+CONFIG_FILE = "config.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,9 +61,8 @@ class _PreemptionFlag:
 
 
 def _check_batch_sizes(config, mesh: Mesh):
-  for name in ("batch_size", "eval_batch_size"):
-    if config[name] % mesh.devices.size:
-      raise ValueError(f"config.{name}={config[name]} is not a multiple of the {mesh.devices.size} devices.")
+  if config.batch_size % mesh.devices.size:
+    raise ValueError(f"config.batch_size={config.batch_size} is not a multiple of the {mesh.devices.size} devices.")
 
 
 def _resume_record(config, step: int) -> dict:
@@ -78,21 +81,55 @@ def _check_resumable(saved: dict, config, workdir: str):
                        "continue the same run. Use a new workdir or the original setting.")
 
 
+def flat_hparams(config: ml_collections.ConfigDict) -> dict:
+  """`config` as TensorBoard hparams: nested keys joined by "." ("model.hidden_dim", "optimizer.lr"); bool, int,
+  float and str values as they are, any other (tuples, lists, None) as its str()."""
+  def flatten(mapping, prefix):
+    for key, value in mapping.items():
+      if isinstance(value, dict):
+        yield from flatten(value, f"{prefix}{key}.")
+      else:
+        yield prefix + key, value if isinstance(value, (bool, int, float, str)) else str(value)
+  return dict(flatten(config.to_dict(), ""))
+
+
 def _evaluate(config, model, state, directory, options, mesh, predict_fn, writer, step, output_dir):
-  metrics = evaluation.evaluate(model, state.variables, directory, config.data.eval_split, config.eval_batch_size,
+  metrics = evaluation.evaluate(model, state.variables, directory, config.data.eval_split,
+                                config.per_device_eval_batch_size * mesh.devices.size,
                                 options, mesh, output_dir=output_dir, max_images=config.eval_max_images or None,
                                 predict_fn=predict_fn, panoptic=sources.is_panoptic(config.data))
   writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
   logging.info("Evaluation at step %d on %s/%s (%d images):\n%s", step, directory, config.data.eval_split,
                metrics["num_images"], evaluation.metrics_table(metrics))
+  if jax.process_index() == 0:
+    _write_validation_pictures(model, directory, config.data.eval_split, output_dir, writer, step)
   return metrics
+
+
+def _write_validation_pictures(model, data_dir: str, split: str, output_dir: str, writer, step: int) -> list:
+  """Predictions beside the ground truth for the first validation images: JPEGs in
+  output_dir/pictures/ and TensorBoard images `eval/picture_<image id>`. Returns the paths."""
+  with open(os.path.join(output_dir, "detections.json")) as f:
+    detections = json.load(f)
+  pictures = visualize.validation_pictures(coco.annotation_path(data_dir, split), os.path.join(data_dir, split),
+                                           detections, families.of_model(model).score_threshold)
+  os.makedirs(os.path.join(output_dir, "pictures"), exist_ok=True)
+  paths = []
+  for image_id, picture in pictures.items():
+    paths.append(os.path.join(output_dir, "pictures", f"{image_id}.jpg"))
+    picture.save(paths[-1], quality=90)
+  writer.write_images(step, {f"eval/picture_{image_id}": np.asarray(picture)[None]
+                             for image_id, picture in pictures.items()})
+  return paths
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains per `config` in `workdir` (resuming from its latest checkpoint), then evaluates.
 
-  Writes workdir/model_config.json, workdir/checkpoints/<step>/ and TensorBoard summaries, and
-  workdir/eval_<step>/ after evaluations (the files of `evaluation.evaluate`'s output_dir).
+  Writes workdir/config.json (the whole `config`, process 0, at every start), workdir/model_config.json,
+  workdir/checkpoints/<step>/ and TensorBoard summaries (with `flat_hparams(config)` as hparams), and
+  workdir/eval_<step>/ after evaluations (the files of `evaluation.evaluate`'s output_dir, and
+  pictures/<image id>.jpg: predictions beside the ground truth), and workdir/losses.png at the end.
   Returns:
     the final TrainState (on preemption, the state that was saved).
   Raises:
@@ -129,7 +166,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       os.makedirs(workdir, exist_ok=True)
     checkpoints.write_model_config(workdir, families.model_config(model))
     parameter_overview.log_parameter_overview(state.params)
-    writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+    writer.write_hparams(flat_hparams(config))
+  if jax.process_index() == 0:   # rewritten on resume, which may change settings such as num_train_steps
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   metrics_class = metric_collection(family.loss_term_names(model))
   train_step = make_train_step(model, family.criterion(config, mesh), tx, mesh, metrics_class,
@@ -151,31 +191,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                                       run=ocp.args.JsonSave(_resume_record(config, step))),
                         force=force)
 
+  # The losses of the steps since the last check stay on the device: reading each one would stop
+  # JAX from dispatching the next step while the device works. The step skips a non-finite
+  # update itself; the host stops the run at the next log, evaluation or save.
+  unchecked_losses = []
+
+  def check_losses():
+    for (step, _), value in zip(unchecked_losses, jax.device_get([loss for _, loss in unchecked_losses])):
+      if not np.isfinite(value):
+        manager.wait_until_finished()
+        raise NonFiniteLossError(
+            f"Loss is {value} at step {step}; training stopped and that update was skipped. "
+            f"The last checkpoint (step {manager.latest_step()}) in {manager.directory} is intact.")
+    unchecked_losses.clear()
+
   accumulated, last_log_time, last_log_step = None, time.perf_counter(), start_step
   try:
     for step in range(start_step + 1, num_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, step_metrics, loss = train_step(state, next(batches))
-      loss_value = float(loss)
-      if not np.isfinite(loss_value):
-        manager.wait_until_finished()
-        raise NonFiniteLossError(
-            f"Loss is {loss_value} at step {step}; training stopped before this update was saved. "
-            f"The last checkpoint (step {manager.latest_step()}) in {manager.directory} is intact.")
+      unchecked_losses.append((step, loss))
       accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
       report_progress(step)
-      if step % config.log_every_steps == 0 or step == num_steps:
+      logs = step % config.log_every_steps == 0 or step == num_steps
+      evaluates_now = evaluates and config.eval_every_steps and step % config.eval_every_steps == 0 and step < num_steps
+      preempted = preemption.requested or manager.reached_preemption(step)
+      if logs or evaluates_now or preempted or manager.should_save(step):
+        check_losses()
+      if logs:
         now = time.perf_counter()
         scalars = {k: float(v) for k, v in accumulated.compute().items()}
         scalars.update({name: float(schedule(step - 1)) for name, schedule in schedules.items()})
         scalars["images_per_sec"] = (step - last_log_step) * config.batch_size / (now - last_log_time)
         writer.write_scalars(step, scalars)
         accumulated, last_log_time, last_log_step = None, now, step
-      if evaluates and config.eval_every_steps and step % config.eval_every_steps == 0 and step < num_steps:
+      if evaluates_now:
         _evaluate(config, model, state, directory, options, mesh, predict_fn, writer, step,
                   os.path.join(workdir, f"eval_{step}"))
       saved = save(step, force=step == num_steps)
-      if preemption.requested or manager.reached_preemption(step):
+      if preempted:
         if not saved:
           save(step, force=True)
         manager.wait_until_finished()
@@ -185,8 +239,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     preemption.close()
     manager.close()
     writer.flush()
+  outputs = []
   if evaluates:
-    _evaluate(config, model, state, directory, options, mesh, predict_fn, writer, num_steps,
-              os.path.join(workdir, f"eval_{num_steps}"))
+    eval_dir = os.path.join(workdir, f"eval_{num_steps}")
+    _evaluate(config, model, state, directory, options, mesh, predict_fn, writer, num_steps, eval_dir)
     writer.flush()
+    outputs.append(f"validation pictures in {os.path.join(eval_dir, 'pictures')}")
+  if jax.process_index() == 0:
+    outputs.insert(0, f"loss plot {visualize.plot_losses([workdir], os.path.join(workdir, 'losses.png'))}")
+  logging.info("Done: workdir %s; %s.", workdir, "; ".join(outputs))
   return state

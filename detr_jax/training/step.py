@@ -1,6 +1,7 @@
 """One jit-compiled optimiser step over the mesh: forward with dropout, matching and loss, backward, update."""
 
 import jax
+import jax.numpy as jnp
 import optax
 from clu import metrics as clu_metrics
 from jax.sharding import Mesh
@@ -22,6 +23,8 @@ def make_train_step(model, criterion, tx, mesh: Mesh, metrics_class, mask_head_o
   The batch is sharded on the mesh's batch axis and the state replicated; the state's buffers
   are donated. `criterion(outputs, batch) -> (loss, terms)` matches inside the step (host
   callback or on device). Dropout draws from fold_in(state.rng, state.step).
+  A step whose loss is NaN or Inf returns the state unchanged (no update, step not counted), so
+  that the caller can check the returned losses when it likes rather than after every step.
   `mask_head_only` (the optimiser's panoptic mode) restricts the logged gradient norm to the mask head.
   """
   def train_step(state: TrainState, batch):
@@ -35,6 +38,7 @@ def make_train_step(model, criterion, tx, mesh: Mesh, metrics_class, mask_head_o
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
+    new_state = jax.tree.map(lambda updated, old: jnp.where(jnp.isfinite(loss), updated, old), new_state, state)
     step_metrics = metrics_class.single_from_model_output(
         loss=loss, grad_norm=optim.trained_gradient_norm(grads, mask_head_only), **terms)
     return new_state, step_metrics, loss
