@@ -106,21 +106,18 @@ def _evaluate(config, model, state, directory, options, mesh, predict_fn, writer
   return metrics
 
 
-def _write_validation_pictures(model, data_dir: str, split: str, output_dir: str, writer, step: int) -> list:
+def _write_validation_pictures(model, data_dir: str, split: str, output_dir: str, writer, step: int) -> None:
   """Predictions beside the ground truth for the first validation images: JPEGs in
-  output_dir/pictures/ and TensorBoard images `eval/picture_<image id>`. Returns the paths."""
+  output_dir/pictures/ and TensorBoard images `eval/picture_<image id>`."""
   with open(os.path.join(output_dir, "detections.json")) as f:
     detections = json.load(f)
   pictures = visualize.validation_pictures(coco.annotation_path(data_dir, split), os.path.join(data_dir, split),
                                            detections, families.of_model(model).score_threshold)
   os.makedirs(os.path.join(output_dir, "pictures"), exist_ok=True)
-  paths = []
   for image_id, picture in pictures.items():
-    paths.append(os.path.join(output_dir, "pictures", f"{image_id}.jpg"))
-    picture.save(paths[-1], quality=90)
+    picture.save(os.path.join(output_dir, "pictures", f"{image_id}.jpg"), quality=90)
   writer.write_images(step, {f"eval/picture_{image_id}": np.asarray(picture)[None]
                              for image_id, picture in pictures.items()})
-  return paths
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
