@@ -3,6 +3,8 @@
 A checkpoint directory (a train.py workdir, or what `python -m detr_jax.porting import` writes):
 
     DIR/model_config.json        the model's family ("name") and attributes
+    DIR/categories.json          the class indices' names (training data's categories), where known
+    DIR/config.json              a train.py workdir's config (data settings such as the image scale)
     DIR/checkpoints/<step>/      orbax CheckpointManager steps; each holds either
         state/ + run/            training: the TrainState and what a resumed run must match, or
         variables/               a model without optimiser: {"params", "batch_stats"}
@@ -14,7 +16,7 @@ before this layout. Building the model from `model_config.json` is the family's 
 
 import json
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import flax
 import jax
@@ -25,6 +27,8 @@ from jax.sharding import Mesh
 from detr_jax import sharding
 
 MODEL_CONFIG_FILE = "model_config.json"
+CATEGORIES_FILE = "categories.json"   # the names of the class indices, where the checkpoint knows them
+TRAINING_CONFIG_FILE = "config.json"   # a train.py workdir's whole config
 CHECKPOINT_DIR = "checkpoints"
 LEGACY_VARIABLES_DIR = "variables"   # `porting import` output before the one layout
 TRAINING_ITEMS = ("state", "run")
@@ -94,8 +98,40 @@ def write_model_config(directory: str, model_config: Mapping[str, Any]) -> None:
       json.dump(dict(model_config), f, indent=2)
 
 
-def save_model_dir(directory: str, model_config: Mapping[str, Any], variables) -> None:
-  """Writes a model without optimiser: DIR/model_config.json and DIR/checkpoints/0/variables.
+def write_categories(directory: str, categories: Optional[Sequence[Mapping[str, Any]]]) -> None:
+  """DIR/categories.json: {"categories": [{"id", "name", "isthing"}]} (process 0 only; nothing for None).
+
+  The ids are class indices (a detector's class index is the category id); prediction and export name
+  detections with them.
+  """
+  if categories is not None and jax.process_index() == 0:
+    with open(os.path.join(directory, CATEGORIES_FILE), "w") as f:
+      json.dump({"categories": [dict(c) for c in categories]}, f, indent=1)
+
+
+def read_categories(directory: str) -> Optional[list[dict]]:
+  """The categories `write_categories` wrote in DIR, or None where it wrote none (ported checkpoints,
+  directories from before categories were recorded)."""
+  path = os.path.join(directory, CATEGORIES_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)["categories"]
+
+
+def read_training_config(directory: str) -> Optional[dict]:
+  """The config a train.py workdir was trained with (DIR/config.json as a dict), or None elsewhere."""
+  path = os.path.join(directory, TRAINING_CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def save_model_dir(directory: str, model_config: Mapping[str, Any], variables,
+                   categories: Optional[Sequence[Mapping[str, Any]]] = None) -> None:
+  """Writes a model without optimiser: DIR/model_config.json, DIR/checkpoints/0/variables and, with
+  `categories`, DIR/categories.json.
 
   Raises:
     FileExistsError: DIR already holds a checkpoint.
@@ -108,6 +144,7 @@ def save_model_dir(directory: str, model_config: Mapping[str, Any], variables) -
   with manager(directory, items=(MODEL_ITEM,)) as checkpoints:
     checkpoints.save(0, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.StandardSave(variables)}))
   write_model_config(directory, model_config)
+  write_categories(directory, categories)
 
 
 def is_model_dir(path: str) -> bool:

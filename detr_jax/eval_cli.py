@@ -12,8 +12,9 @@ on the fly. The model's architecture comes from the checkpoint; the config gives
 Box AP always; mask AP too for a panoptic (mask) model. With a panoptic config
 (`data.source="coco_panoptic"`, e.g. configs/detr_r50_panoptic.py) the images of
 `annotations/panoptic_{split}.json` are evaluated, adding PQ, SQ and RQ (all, things, stuff).
-Prints the metrics table; OUT gets metrics.json, detections.json (COCO results format), for mask
-models segmentations.json (RLE masks) and for panoptic configs panoptic.json + panoptic/*.png.
+Prints the metrics table; OUT gets metrics.json, detections.json (COCO results format), pictures/
+(predictions beside the ground truth for the first 4 images), for mask models segmentations.json
+(RLE masks) and for panoptic configs panoptic.json + panoptic/*.png.
 
 A mistake in the flags, the config, the checkpoint or the data ends the command with one line on
 stderr and exit status 1; running out of device memory names --config.per_device_eval_batch_size.
@@ -54,6 +55,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, data
     the metrics.
   """
   # Imported here: entry.run sets up the process before TensorFlow and JAX load.
+  import jax
   from detr_jax import evaluation, families, sharding
   from detr_jax.data import pipeline, sources
   with entry.user_errors("--config.per_device_eval_batch_size"):
@@ -73,6 +75,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, data
     metrics = evaluation.evaluate(model, variables, data_dir, split, batch_size,
                                   pipeline.PipelineOptions.from_config(config.data), mesh,
                                   output_dir=output_dir, max_images=max_images, panoptic=panoptic)
+    if output_dir and jax.process_index() == 0 and "AP" in metrics:
+      evaluation.write_validation_pictures(model, data_dir, split, output_dir)
   print(f"{families.describe(model)} on {data_dir}/{split} ({metrics['num_images']} images):")
   print(evaluation.metrics_table(metrics))
   return metrics

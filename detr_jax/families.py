@@ -9,6 +9,7 @@ docs/architecture.md says how to add one.
 """
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable, Mapping, Optional
 
@@ -17,6 +18,7 @@ from jax.sharding import Mesh
 
 from detr_jax import checkpoints, porting, sharding
 from detr_jax.porting import deformable_huggingface, deformable_official, torch_files
+from detr_jax.data import coco_categories
 from detr_jax.losses import focal_criterion, matcher, set_criterion
 from detr_jax.models import deformable_detr, detr, postprocess, segmentation
 
@@ -37,7 +39,10 @@ class Family:
     detections: (outputs, original sizes [B, 2]) -> (scores [B, N], labels [B, N], boxes [B, N, 4] xyxy pixels),
       the family's official post-processing for COCO box evaluation.
     to_pytorch_state_dict: variables -> the official state dict (numpy).
-    save_hf_pretrained: (model, variables, directory) -> None, a transformers `from_pretrained` directory.
+    save_hf_pretrained: (model, variables, directory, categories=None, scale=1.0) -> None: a transformers
+      `from_pretrained` directory that `pipeline("object-detection")` runs, its id2label from `categories`
+      ([{"id", "name"}], unnamed slots "N/A") and its image processor the family's with the eval resize of
+      `data.scale` = `scale`.
     fresh_modules: (model, loaded variables, reset_class_head) -> module-path prefixes that keep their
       fresh initial values when training starts from a checkpoint (`training.state.initial_variables`).
     score_threshold: the score from which a detection is shown to a person (pictures, predictions):
@@ -169,9 +174,44 @@ def describe(model: nn.Module) -> str:
   return family.describe(family.model_config(model))
 
 
-def save_model_dir(directory: str, model: nn.Module, variables) -> None:
-  """Writes `model` and `variables` as a detr_jax checkpoint directory (`checkpoints.save_model_dir`)."""
-  checkpoints.save_model_dir(directory, model_config(model), variables)
+def save_model_dir(directory: str, model: nn.Module, variables, categories=None) -> None:
+  """Writes `model` and `variables` (and the class names `categories`, [{"id", "name", "isthing"}]) as a
+  detr_jax checkpoint directory (`checkpoints.save_model_dir`)."""
+  checkpoints.save_model_dir(directory, model_config(model), variables, categories)
+
+
+def _hf_pretrained_file(path: str) -> Optional[str]:
+  """The weights of a transformers `save_pretrained` directory (config.json + model.safetensors), else None."""
+  weights = os.path.join(path, "model.safetensors")
+  if os.path.isdir(path) and not checkpoints.is_model_dir(path) and os.path.isfile(weights):
+    return weights
+  return None
+
+
+def _hf_categories(path: str) -> Optional[list[dict]]:
+  """The id2label of a transformers directory's config.json as categories, unless it holds only the
+  default "LABEL_<id>" names."""
+  with open(os.path.join(path, "config.json")) as f:
+    id2label = {int(k): v for k, v in json.load(f).get("id2label", {}).items()}
+  if all(name == f"LABEL_{i}" for i, name in id2label.items()):
+    return None
+  # "N/A" marks the slots without a category (COCO's unused ids), as the hub's DETR configs and our export write.
+  return [{"id": i, "name": name, "isthing": True} for i, name in sorted(id2label.items()) if name != "N/A"]
+
+
+def load_categories(path: str, model: nn.Module) -> Optional[list[dict]]:
+  """The names of `model`'s class indices, [{"id", "name", "isthing"}] in id order, from the checkpoint at `path`.
+
+  What the checkpoint records (a train.py workdir: its training split's categories; a transformers
+  directory: its id2label), else COCO's for a model with COCO's slot count (the official checkpoints:
+  `coco_categories.coco_categories`), else None (callers name classes by id).
+  """
+  recorded = None
+  if checkpoints.is_model_dir(path):
+    recorded = checkpoints.read_categories(path)
+  elif _hf_pretrained_file(path):
+    recorded = _hf_categories(path)
+  return recorded or coco_categories.coco_categories(model.num_classes)
 
 
 def check_checkpoint(path: str) -> None:
@@ -192,14 +232,16 @@ def load_model(path: str, dilation: bool = False, mesh: Optional[Mesh] = None):
   """(model, variables) from any checkpoint the project reads.
 
   path: a detr_jax checkpoint directory (a train.py workdir, whose latest step is read, or what
-  `porting import` wrote, old layout included), or an official / Hugging Face `.pth` /
-  `.safetensors` file, ported on the fly (`dilation` says whether it is DC5, which keys cannot show).
+  `porting import` wrote, old layout included), an official / Hugging Face `.pth` / `.safetensors`
+  file or a transformers `save_pretrained` directory, ported on the fly (`dilation` says whether it
+  is DC5, which keys cannot show).
   Raises:
     FileNotFoundError: nothing readable at `path`.
     checkpoints.CheckpointMismatchError: a PyTorch file that is not a checkpoint of a known family.
     ValueError: a corrupt file. extras.MissingExtraError: see `check_checkpoint`.
   """
   check_checkpoint(path)
+  path = _hf_pretrained_file(path) or path
   if os.path.isdir(path):
     config, variables = checkpoints.read_model_dir(path, mesh or sharding.create_mesh())
     return build_model(config), variables

@@ -1,14 +1,16 @@
-"""Pictures of what a detector sees: boxes drawn on images, predictions beside the ground truth,
-and the training loss curves.
+"""Pictures of what a detector sees: boxes and masks drawn on images, predictions beside the ground
+truth, and the training loss curves.
 
 Drawing uses PIL; the loss plot uses matplotlib (imported when called, with the Agg backend).
 """
 
 import colorsys
+import functools
 import json
 import os
 from typing import Optional, Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from detr_jax import summaries
@@ -45,6 +47,51 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], category_id
     draw.rectangle((x0, text_top, x0 + right - left + 4, text_top + bottom - top + 2), fill=colour)
     draw.text((x0 + 2, text_top), caption, fill=(0, 0, 0))
   return picture
+
+
+def overlay_masks(image: Image.Image, masks: Sequence[np.ndarray], category_ids: Sequence[int],
+                  opacity: float = 0.5) -> Image.Image:
+  """A copy of `image` (RGB) with each [H, W] bool mask (the image's size) tinted in its category's colour,
+  later masks over earlier ones."""
+  pixels = np.asarray(image.convert("RGB"), np.float32)
+  for mask, category_id in zip(masks, category_ids):
+    pixels[mask] = (1 - opacity) * pixels[mask] + opacity * np.asarray(category_colour(int(category_id)), np.float32)
+  return Image.fromarray(np.round(pixels).astype(np.uint8))
+
+
+def draw_detections(image: Image.Image, detections: Sequence[dict]) -> Image.Image:
+  """`image` with `inference.Predictor` detections: their masks as a colour overlay (mask models), then
+  their boxes captioned "label score"."""
+  masked = [d for d in detections if "mask" in d]
+  if masked:
+    image = overlay_masks(image, [d["mask"] for d in masked], [d["category_id"] for d in masked])
+  return draw_boxes(image, [d["box"] for d in detections], [d["category_id"] for d in detections],
+                    [f"{d['label']} {d['score']:.2f}" for d in detections])
+
+
+def heat_overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.6) -> Image.Image:
+  """`image` (RGB) blended with `heat` ([H, W] float, the image's size) in matplotlib's "inferno" colours,
+  scaled so that its maximum is the brightest."""
+  import matplotlib
+  colours = matplotlib.colormaps["inferno"](heat / max(float(heat.max()), 1e-12))[..., :3] * 255
+  pixels = (1 - opacity) * np.asarray(image.convert("RGB"), np.float32) + opacity * colours
+  return Image.fromarray(np.round(pixels).astype(np.uint8))
+
+
+def attention_pictures(image: Image.Image, maps: dict, count: int = 6) -> tuple[Image.Image, Image.Image]:
+  """The official notebook's two figures from `inference.Predictor.attention`'s `maps`: (for each of the first
+  `count` detections, its query's decoder cross-attention with its box, side by side; the encoder
+  self-attention at each reference point, the point marked, side by side)."""
+  decoder = [draw_boxes(heat_overlay(image, heat), [d["box"]], [d["category_id"]], [f"{d['label']} {d['score']:.2f}"])
+             for d, heat in zip(maps["detections"][:count], maps["decoder"])]
+  encoder = []
+  for (x, y), heat in zip(maps["points"], maps["encoder"]):
+    panel = heat_overlay(image, heat)
+    radius = max(3, round(max(panel.size) / 100))
+    ImageDraw.Draw(panel).ellipse((x - radius, y - radius, x + radius, y + radius), outline=(0, 255, 255), width=2)
+    encoder.append(panel)
+  row = lambda panels: functools.reduce(side_by_side, panels) if panels else image.convert("RGB")
+  return row(decoder), row(encoder)
 
 
 def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:

@@ -101,6 +101,9 @@ def test_train_py_on_generated_config(trained):
     assert {c["id"] for c in annotations["categories"]} == {1, 2, 3, 4}
     assert annotations["annotations"]
     assert sorted(os.listdir(data / split)) == sorted(image["file_name"] for image in annotations["images"])
+  # The training split's categories, recorded for prediction and export.
+  recorded = json.loads((workdir / "categories.json").read_text())["categories"]
+  assert [(c["id"], c["name"]) for c in recorded] == [(c["id"], c["name"]) for c in annotations["categories"]]
   # The flag overrides reached the model.
   model_config = json.loads((workdir / "model_config.json").read_text())
   assert (model_config["hidden_dim"], model_config["num_queries"], model_config["num_classes"],
@@ -254,6 +257,23 @@ def test_eval_py_reads_every_checkpoint_kind(trained, tmp_path):
     assert run.returncode == 0, (checkpoint, run.stderr[-3000:])
     assert json.loads((out / "metrics.json").read_text()) == expected, checkpoint
     assert "does not cover" not in run.stderr, checkpoint   # the model's 5 classes cover ids 1..4
+    assert len(os.listdir(out / "pictures")) == 4, checkpoint
+
+
+def test_predict_py_on_the_workdir(trained, tmp_path):
+  """predict.py on the run's workdir: its recorded class names and its image scale (config.json), the
+  images of a folder, detections.json and one picture per image."""
+  workdir, _ = trained
+  images = workdir / "generated_data" / "val"
+  out = tmp_path / "predictions"
+  run = run_command("predict.py", "--checkpoint", str(workdir), str(images), "--output_dir", str(out),
+                    "--threshold", "0")
+  assert run.returncode == 0, run.stderr[-3000:]
+  names = {c["id"]: c["name"] for c in json.loads((workdir / "categories.json").read_text())["categories"]}
+  results = json.loads((out / "detections.json").read_text())
+  assert {r["category_name"] for r in results} <= set(names.values()) | {"0"}   # slot 0 has no category
+  assert len(list(out.glob("*.jpg"))) == len(os.listdir(images))
+  assert f"{len(os.listdir(images))} images in" in run.stdout
 
 
 def test_legacy_import_layout_loads(tmp_path):

@@ -91,9 +91,10 @@ def test_a_circle_would_be_found():
   assert _cycle({"a": {"b"}, "b": set()}) == []
 
 
-def test_eval_and_porting_import_no_training_code():
-  graph = import_graph([*PACKAGE.rglob("*.py"), REPO_ROOT / "eval.py"])
-  for entry in ("eval.py", "detr_jax.eval_cli", "detr_jax.porting.cli", "detr_jax.evaluation", "detr_jax.families"):
+def test_eval_porting_and_serving_import_no_training_code():
+  graph = import_graph([*PACKAGE.rglob("*.py"), REPO_ROOT / "eval.py", REPO_ROOT / "predict.py"])
+  for entry in ("eval.py", "predict.py", "detr_jax.eval_cli", "detr_jax.porting.cli", "detr_jax.evaluation",
+                "detr_jax.families", "detr_jax.inference", "detr_jax.predict_cli", "detr_jax.export"):
     training_code = sorted(m for m in _reachable(graph, entry) if m.startswith("detr_jax.training"))
     assert training_code == [], (entry, training_code)
   assert "detr_jax.training.loop" in _reachable(graph, "detr_jax.training")   # the check can see training code

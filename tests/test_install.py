@@ -10,7 +10,7 @@ import sys
 from tests.helpers import REPO_ROOT
 
 COMMANDS = {"detr-train": "--workdir", "detr-eval": "--checkpoint", "detr-port": "usage: detr-port",
-            "detr-check": "data_dir"}
+            "detr-check": "data_dir", "detr-predict": "--output_dir", "detr-export": "usage: detr-export"}
 
 
 def test_pip_install_gives_the_packages_and_console_commands(tmp_path):

@@ -139,6 +139,20 @@ def _non_coco_folder(tmp_path):
   return folder
 
 
+def test_training_on_a_non_coco_json_leaves_no_workdir(tmp_path, capsys):
+  """The json parses but is not COCO: found by train_and_evaluate itself, before its writer and checkpoint
+  manager make the workdir."""
+  folder = _non_coco_folder(tmp_path)
+  (folder / "annotations" / "instances_val2017.json").rename(folder / "annotations" / "instances_train2017.json")
+  (folder / "val2017").rename(folder / "train2017")
+  config = _coco_mini_config(folder)
+  config.data.eval_split = ""
+  workdir = tmp_path / "workdir"
+  line = _error_line(capsys, train_cli.train, config, str(workdir))
+  assert "instances_train2017.json is not a COCO instances file" in line, line
+  assert not workdir.exists()
+
+
 @pytest.mark.parametrize("case, expected", [
     ("missing checkpoint", ["No checkpoint at", "absent.pth", "expected a train.py workdir, a `detr-port import` "
                             "directory, or a .pth / .safetensors file"]),

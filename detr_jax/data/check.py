@@ -16,17 +16,16 @@ not the decode pass, which reads every image.
 """
 
 import argparse
-import os
 import sys
 import time
 
 import tqdm
 
+from detr_jax import system
 from detr_jax.data import coco
 
 # TensorFlow and `pipeline` are imported in the functions that use them, once the json has loaded:
-# the import takes seconds and prints log lines of its own, which would bury a one-line error.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# the import takes seconds and prints log lines of its own (silenced), which would bury a one-line error.
 
 UNDECODABLE = "undecodable image"
 SIZE_MISMATCH = "decoded size differs from the json's"
@@ -39,6 +38,7 @@ def _progress(description: str, total: int) -> tqdm.tqdm:
 
 def decoded_sizes(records: coco.CocoRecords) -> dict:
   """{path: (height, width)} of every image of `records` that decodes; the others are absent."""
+  system.import_tensorflow_quietly()
   import tensorflow as tf
   from detr_jax.data import pipeline
   paths = tf.data.Dataset.from_tensor_slices(records.paths)

@@ -27,13 +27,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from detr_jax import system
-from detr_jax.data import coco, coco_panoptic, transforms
-
-COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
-                     27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
-                     52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
-                     78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
+from detr_jax import extras, system
+from detr_jax.data import coco, coco_categories, coco_panoptic, transforms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,12 +126,12 @@ def tfds_examples(split: str, data_dir: Optional[str], process_index: int, proce
   tfds boxes are normalised (ymin, xmin, ymax, xmax); crowd boxes and boxes without area are
   dropped as in the COCO-folder source. Each process reads its part of `tfds.even_splits(split, process_count)`.
   """
-  import tensorflow_datasets as tfds
+  tfds = extras.require("tensorflow_datasets", "config.data.source='tfds'", "tfds")
   process_split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed)
   dataset = tfds.load("coco/2017", split=process_split, data_dir=data_dir, shuffle_files=shuffle_seed is not None,
                       read_config=read_config)
-  category_ids = tf.constant(COCO_CATEGORY_IDS, tf.int32)
+  category_ids = tf.constant([i for i, _ in coco_categories.THINGS], tf.int32)
 
   def convert(element):
     image = tf.cast(element["image"], tf.float32)

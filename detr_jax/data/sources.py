@@ -13,7 +13,7 @@ import os
 import ml_collections
 
 from detr_jax import extras
-from detr_jax.data import coco, coco_panoptic, generated, pipeline
+from detr_jax.data import coco, coco_categories, coco_panoptic, generated, pipeline
 
 SOURCES = ("coco_folder", "coco_panoptic", "generated", "tfds")
 
@@ -101,9 +101,16 @@ def eval_records(directory: str, split: str, panoptic: bool):
   return coco.load_coco_folder(directory, split, keep_empty=True)
 
 
-def training_dataset(config: ml_collections.ConfigDict, directory: str, options: pipeline.PipelineOptions,
-                     per_process_batch: int, start_step: int):
-  """(this process's training batches as a tf.data.Dataset, steps per epoch of config.batch_size).
+def categories(records) -> list[dict]:
+  """The categories of COCO or COCO panoptic records as [{"id", "name", "isthing"}] in id order (what a
+  checkpoint records, `checkpoints.write_categories`); an instances json's categories are all things."""
+  return [{"id": int(i), "name": c["name"], "isthing": c["isthing"]} if isinstance(c, dict)
+          else {"id": int(i), "name": c, "isthing": True} for i, c in sorted(records.categories.items())]
+
+
+def training_records(config: ml_collections.ConfigDict, directory: str):
+  """The training split's records, read and checked (None for tfds, which reads as it trains); before
+  anything is written, so that a bad annotation file stops a run before its workdir exists.
 
   Raises:
     coco.DatasetError: the folder or its annotations are missing or invalid.
@@ -113,11 +120,8 @@ def training_dataset(config: ml_collections.ConfigDict, directory: str, options:
   data = config.data
   check(data)
   if data.source == "tfds":
-    tfds = _tensorflow_datasets()
-    num_images = tfds.builder("coco/2017", data_dir=directory or None).info.splits[data.train_split].num_examples
-    dataset = pipeline.tfds_dataset(data.train_split, per_process_batch, config.seed, options, train=True,
-                                    data_dir=directory or None, start_step=start_step)
-    return dataset, num_images // config.batch_size
+    _tensorflow_datasets()
+    return None
   if is_panoptic(data):
     records = coco_panoptic.load_panoptic_folder(directory, data.train_split)
   else:
@@ -127,5 +131,22 @@ def training_dataset(config: ml_collections.ConfigDict, directory: str, options:
   if records.num_classes > config.model.num_classes:
     raise ValueError(f"{directory}/{data.train_split} has category ids up to {records.num_classes - 1}; "
                      f"set config.model.num_classes to at least {records.num_classes}.")
+  return records
+
+
+def training_dataset(config: ml_collections.ConfigDict, directory: str, records, options: pipeline.PipelineOptions,
+                     per_process_batch: int, start_step: int):
+  """(this process's training batches as a tf.data.Dataset, steps per epoch of config.batch_size, the
+  dataset's categories as `categories` gives them; tfds coco/2017's are COCO's 80).
+
+  records: `training_records(config, directory)`.
+  """
+  if records is None:
+    data = config.data
+    tfds = _tensorflow_datasets()
+    num_images = tfds.builder("coco/2017", data_dir=directory or None).info.splits[data.train_split].num_examples
+    dataset = pipeline.tfds_dataset(data.train_split, per_process_batch, config.seed, options, train=True,
+                                    data_dir=directory or None, start_step=start_step)
+    return dataset, num_images // config.batch_size, coco_categories.coco_categories(91)
   dataset = pipeline.train_dataset(records, per_process_batch, config.seed, options, start_step=start_step)
-  return dataset, len(records) // config.batch_size
+  return dataset, len(records) // config.batch_size, categories(records)

@@ -2,7 +2,9 @@
 
 An example is {"image": [H, W, 3] float32 in [0, 255], "boxes": [N, 4] float32 xyxy pixels,
 "labels": [N] int32, ...}, and for panoptic data also "segment_masks": [N, H, W] bool, which every
-geometric op transforms with the image (nearest resizing, as the official code). Randomness is
+geometric op transforms with the image (nearest resizing, as the official code). Inference examples
+have an image only: `resize`, `eval_resize` and `normalize` also take a batch of equal-sized images
+[B, H, W, 3] (the exported SavedModel's input). Randomness is
 stateless: every op takes a [2] int32 seed, so the same (seed, element index) always gives the
 same augmentation.
 """
@@ -33,14 +35,17 @@ def target_size(height, width, size, max_size=None):
 
 
 def resize(example, size, max_size=None):
-  """Resizes the shorter side to `size` (bilinear, antialiased when shrinking) and scales the boxes."""
+  """Resizes the shorter side to `size` (bilinear, antialiased when shrinking) and scales the boxes (if any:
+  inference examples have none)."""
   image = example["image"]
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  height, width = tf.shape(image)[-3], tf.shape(image)[-2]
   new_h, new_w = target_size(height, width, size, max_size)
   resized = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
-  ratio = tf.cast(tf.stack([new_w, new_h, new_w, new_h]), tf.float32) / tf.cast(
-      tf.stack([width, height, width, height]), tf.float32)
-  example = {**example, "image": resized, "boxes": example["boxes"] * ratio}
+  example = {**example, "image": resized}
+  if "boxes" in example:
+    ratio = tf.cast(tf.stack([new_w, new_h, new_w, new_h]), tf.float32) / tf.cast(
+        tf.stack([width, height, width, height]), tf.float32)
+    example["boxes"] = example["boxes"] * ratio
   if "segment_masks" in example:
     masks = tf.gather(example["segment_masks"], _legacy_nearest_indices(height, new_h), axis=1)
     example["segment_masks"] = tf.gather(masks, _legacy_nearest_indices(width, new_w), axis=2)
@@ -127,11 +132,13 @@ def eval_resize(example, scale: float = 1.0):
 
 
 def normalize(example):
-  """ImageNet mean/std on RGB/255; boxes become cxcywh normalised by the unpadded image size."""
+  """ImageNet mean/std on RGB/255; boxes (if any) become cxcywh normalised by the unpadded image size."""
   image = example["image"]
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  image = (image / 255.0 - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
-  x0, y0, x1, y1 = tf.unstack(example["boxes"], axis=-1)
-  cxcywh = tf.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)
-  size = tf.cast(tf.stack([width, height, width, height]), tf.float32)
-  return {**example, "image": image, "boxes": cxcywh / size, "size": tf.stack([height, width])}
+  height, width = tf.shape(image)[-3], tf.shape(image)[-2]
+  normalized = {**example, "image": (image / 255.0 - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD),
+                "size": tf.stack([height, width])}
+  if "boxes" in example:
+    x0, y0, x1, y1 = tf.unstack(example["boxes"], axis=-1)
+    cxcywh = tf.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)
+    normalized["boxes"] = cxcywh / tf.cast(tf.stack([width, height, width, height]), tf.float32)
+  return normalized

@@ -250,6 +250,23 @@ class _PanopticScorer:
             for group, suffix in _PANOPTIC_GROUPS for name in ("PQ", "SQ", "RQ")}
 
 
+def write_validation_pictures(model: nn.Module, data_dir: str, split: str, output_dir: str,
+                              num_images: int = 4) -> dict:
+  """Predictions (those at or above the family's `score_threshold`) beside the ground truth for the first
+  `num_images` images of the split by id, from the detections.json that `evaluate` wrote in `output_dir`:
+  JPEGs in output_dir/pictures/<image id>.jpg. Returns {image id: PIL picture}.
+  """
+  from detr_jax import visualize
+  with open(os.path.join(output_dir, "detections.json")) as f:
+    detections = json.load(f)
+  pictures = visualize.validation_pictures(coco.annotation_path(data_dir, split), os.path.join(data_dir, split),
+                                           detections, families.of_model(model).score_threshold, num_images)
+  os.makedirs(os.path.join(output_dir, "pictures"), exist_ok=True)
+  for image_id, picture in pictures.items():
+    picture.save(os.path.join(output_dir, "pictures", f"{image_id}.jpg"), quality=90)
+  return pictures
+
+
 def evaluate(model: nn.Module, variables, data_dir: str, split: str, batch_size: int,
              options: pipeline.PipelineOptions, mesh: Mesh, output_dir: Optional[str] = None,
              max_images: Optional[int] = None, predict_fn=None, panoptic: bool = False,

@@ -57,8 +57,9 @@ def deformable_sampling(value: jnp.ndarray, spatial_shapes: Sequence[tuple[int, 
   width = sizes[:, None, 0].astype(np.int32)                                   # [L, 1]
   height = sizes[:, None, 1].astype(np.int32)
   weights = weights.astype(jnp.float32)
-  # Row of value.reshape(B * S * M, D) that holds (image b, position s, head m).
-  head_rows = (np.arange(batch)[:, None, None, None, None] * total * heads
+  # Row of value.reshape(B * S * M, D) that holds (image b, position s, head m); jnp, not np: the batch
+  # may be a symbolic dimension (jax.export).
+  head_rows = (jnp.arange(batch)[:, None, None, None, None] * total * heads
                + np.arange(heads)[None, None, :, None, None])
   rows = value.reshape(batch * total * heads, channels)
   out = jnp.zeros((batch, queries, heads, channels), jnp.float32)

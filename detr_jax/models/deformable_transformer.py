@@ -21,6 +21,14 @@ from detr_jax.models.deformable_attention import MSDeformAttn
 from detr_jax.models.transformer import Dropout, FeedForward, MultiheadAttention, layer_norm
 
 
+
+def top_k(values, k: int):
+  """`jax.lax.top_k` along the last axis (ties: lower index first) by a stable sort: lax.top_k lowers to a
+  CHLO op whose portable serialisation TensorFlow 2.21's XlaCallModule cannot read, so a SavedModel
+  export (`detr_jax.export`) of Deformable DETR needs this form. Returns (values [..., k], indices [..., k] int32)."""
+  indices = jnp.argsort(-values, axis=-1, stable=True)[..., :k].astype(jnp.int32)
+  return jnp.take_along_axis(values, indices, axis=-1), indices
+
 def inverse_sigmoid(x: jnp.ndarray, eps: float = 1e-5) -> jnp.ndarray:
   """log(x / (1 - x)) with x clamped to [0, 1] and both x and 1 - x to >= eps (official `inverse_sigmoid`)."""
   x = jnp.clip(x, 0.0, 1.0)
@@ -215,7 +223,7 @@ class DeformableTransformer(nn.Module):
       if enc_logits.shape[1] < num_proposals:
         raise ValueError(f"Two-stage selects {num_proposals} proposals but the feature levels {list(spatial_shapes)} "
                          f"have {enc_logits.shape[1]} positions; use larger images or fewer queries.")
-      top = jax.lax.top_k(enc_logits[..., 0], num_proposals)[1]
+      top = top_k(enc_logits[..., 0], num_proposals)[1]
       top_box_logits = jax.lax.stop_gradient(jnp.take_along_axis(enc_box_logits, top[..., None], axis=1))
       reference = jax.nn.sigmoid(top_box_logits)
       queries = nn.Dense(2 * d_model, dtype=self.dtype, kernel_init=initializers.xavier_uniform,

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from detr_jax import box_ops
-from detr_jax.models import backbone
+from detr_jax.models import backbone, deformable_transformer
 
 
 def detections(outputs, original_sizes):
@@ -49,7 +49,7 @@ def top_k_sigmoid_detections(outputs, original_sizes, num_detections: int = 100)
   logits = outputs["pred_logits"]
   num_classes = logits.shape[-1]
   flat_scores = jax.nn.sigmoid(logits.reshape(logits.shape[0], -1))
-  scores, flat_index = jax.lax.top_k(flat_scores, min(num_detections, flat_scores.shape[-1]))
+  scores, flat_index = deformable_transformer.top_k(flat_scores, min(num_detections, flat_scores.shape[-1]))
   queries = flat_index // num_classes
   boxes = jnp.take_along_axis(box_ops.cxcywh_to_xyxy(outputs["pred_boxes"]), queries[..., None], axis=1)
   height, width = original_sizes[:, 0], original_sizes[:, 1]

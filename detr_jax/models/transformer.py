@@ -58,7 +58,8 @@ class MultiheadAttention(nn.Module):
   compute dtype.
 
   Call: query [B, T, d], key [B, S, d], value [B, S, d], key_padding_mask [B, S] bool
-  (True = ignore) -> [B, T, d].
+  (True = ignore) -> [B, T, d]. With the "intermediates" collection mutable, also sows
+  "attention_weights": [B, T, S] float32, the attention probabilities averaged over heads.
   """
 
   num_heads: int
@@ -86,6 +87,9 @@ class MultiheadAttention(nn.Module):
     if key_padding_mask is not None:
       logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
     weights = jax.nn.softmax(logits, axis=-1)
+    # The head-averaged map PyTorch's MultiheadAttention returns, kept only when "intermediates" is
+    # mutable (attention pictures, `inference.Predictor.attention`).
+    self.sow("intermediates", "attention_weights", weights.mean(axis=1))
     weights = Dropout(self.dropout)(weights, deterministic=deterministic)
     out = jnp.einsum("bhts,bshd->bthd", weights.astype(self.dtype), v)
     out = out.reshape(*out.shape[:2], d_model)

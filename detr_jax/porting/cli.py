@@ -2,7 +2,8 @@
 
   detr-port import SRC.pth OUT_DIR [--dilation]   # a detr_jax checkpoint directory
   detr-port export CKPT_DIR DST.pth                # official layout (CKPT_DIR may be a train.py workdir)
-  detr-port export CKPT_DIR HF_DIR --hf            # a transformers from_pretrained directory
+  detr-port export CKPT_DIR HF_DIR --hf            # a transformers from_pretrained directory, which
+                                                   # pipeline("object-detection", model=HF_DIR) runs
 
 Errors (a missing or corrupt file, a checkpoint that does not fit, a missing optional package:
 `entry.user_errors`) end with one line on stderr and exit status 1; nothing is written.
@@ -10,7 +11,7 @@ Errors (a missing or corrupt file, a checkpoint that does not fit, a missing opt
 
 import argparse
 
-from detr_jax import entry, families, porting
+from detr_jax import checkpoints, entry, families, porting
 from detr_jax.porting import huggingface, torch_files
 
 
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
   with entry.user_errors():
     if args.command == "import":
       model, variables = porting.load_pytorch_checkpoint(args.source, dilation=args.dilation, num_heads=args.num_heads)
-      families.save_model_dir(args.out_dir, model, variables)
+      families.save_model_dir(args.out_dir, model, variables, families.load_categories(args.source, model))
       print(f"Imported {families.describe(model)} into {args.out_dir}")
     else:
       if args.hf:   # before the checkpoint is read
@@ -41,7 +42,10 @@ def main(argv=None) -> int:
       model, variables = families.load_model(args.checkpoint_dir)
       family = families.of_model(model)
       if args.hf:
-        family.save_hf_pretrained(model, variables, args.destination)
+        trained = checkpoints.read_training_config(args.checkpoint_dir) or {}   # a workdir's input size
+        family.save_hf_pretrained(model, variables, args.destination,
+                                  families.load_categories(args.checkpoint_dir, model),
+                                  scale=trained.get("data", {}).get("scale", 1.0))
       else:
         torch_files.save_pytorch_checkpoint(family.to_pytorch_state_dict(variables), args.destination)
       print(f"Exported {args.checkpoint_dir} to {args.destination} ({'Hugging Face' if args.hf else 'official'} layout)")

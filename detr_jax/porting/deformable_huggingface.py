@@ -10,7 +10,7 @@ Mind the decoder's norms: transformers' `self_attn_layer_norm` is the official `
 `encoder_attn_layer_norm` is `norm1` (the official decoder names them in another order).
 """
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -95,11 +95,17 @@ def to_hf_state_dict(variables, hf_keys) -> dict[str, np.ndarray]:
   return huggingface.official_to_hf(official_state, hf_keys, lambda key: huggingface.official_source(key, _RULES))
 
 
-def save_hf_pretrained(model: deformable_detr.DeformableDETR, variables, directory: str) -> None:
-  """Writes a transformers `from_pretrained` directory (config.json, model.safetensors).
+def save_hf_pretrained(model: deformable_detr.DeformableDETR, variables, directory: str,
+                       categories: Optional[Sequence[Mapping]] = None, scale: float = 1.0) -> None:
+  """Writes a transformers `from_pretrained` directory that `pipeline("object-detection", model=directory)`
+  runs: config.json (with `id2label` / `label2id` from `categories`), model.safetensors and
+  preprocessor_config.json (DeformableDetrImageProcessor, whose post-processing is the official top-100
+  sigmoid one, with the official eval preprocessing times `scale`). See `huggingface.save_hf_pretrained`.
 
   Raises:
-    ValueError: see `hf_model`. checkpoints.CheckpointMismatchError: see `to_hf_state_dict`.
+    ValueError: see `hf_model` and `huggingface.label_maps`. checkpoints.CheckpointMismatchError: see
+      `to_hf_state_dict`.
   """
   target = hf_model(deformable_detr.model_config(model))
-  huggingface.write_pretrained(target, to_hf_state_dict(variables, target.state_dict().keys()), directory)
+  huggingface.write_pretrained(target, to_hf_state_dict(variables, target.state_dict().keys()), directory,
+                               huggingface.eval_image_processor("DeformableDetrImageProcessorPil", scale), categories)

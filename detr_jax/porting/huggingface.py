@@ -3,11 +3,13 @@
 Read: `DetrForObjectDetection` / `DetrForSegmentation` state dicts and `model.safetensors`, in
 the hub files' layout (timm backbone names, `self_attn.out_proj`, `fc1`) and in the installed
 transformers' layout (HF ResNet backbone names, `o_proj`, `mlp.fc1`); both are renamed into the
-official layout (`official.py`). Written: the installed transformers' layout, key for key.
+official layout (`official.py`). Written: the installed transformers' layout, key for key, in a
+`from_pretrained` directory that transformers' object-detection pipeline runs (class names in
+config.json, the image processor in preprocessor_config.json).
 """
 
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -185,19 +187,73 @@ def hf_model(config: Mapping[str, Any]):
   return (transformers.DetrForSegmentation if config["masks"] else transformers.DetrForObjectDetection)(hf_config)
 
 
-def save_hf_pretrained(model: detr_lib.DETR, variables, directory: str) -> None:
-  """Writes a transformers `from_pretrained` directory (config.json, model.safetensors).
+def save_hf_pretrained(model: detr_lib.DETR, variables, directory: str, categories: Optional[Sequence[Mapping]] = None,
+                       scale: float = 1.0) -> None:
+  """Writes a transformers `from_pretrained` directory that `pipeline("object-detection", model=directory)`
+  runs: config.json (with `id2label` / `label2id` from `categories`), model.safetensors and
+  preprocessor_config.json (DetrImageProcessor with the official eval preprocessing times `scale`).
 
+  Args:
+    categories: [{"id", "name", ...}] naming the class indices (`families.load_categories`); None keeps
+      transformers' "LABEL_<i>" names. See `label_maps`.
+    scale: the checkpoint's `data.scale` (1.0 = shorter side 800, longer at most 1333).
   Raises:
-    ValueError: see `hf_model`. checkpoints.CheckpointMismatchError: see `to_hf_state_dict`.
+    ValueError: see `hf_model` and `label_maps`. checkpoints.CheckpointMismatchError: see `to_hf_state_dict`.
   """
   target = hf_model(detr_lib.model_config(model))
-  write_pretrained(target, to_hf_state_dict(variables, target.state_dict().keys()), directory)
+  write_pretrained(target, to_hf_state_dict(variables, target.state_dict().keys()), directory,
+                   eval_image_processor("DetrImageProcessorPil", scale), categories)
 
 
-def write_pretrained(target, state_dict, directory: str) -> None:
-  """Loads `state_dict` (numpy, every key of `target`) into the transformers model `target`
-  strictly and writes it with `save_pretrained` (config.json, model.safetensors)."""
+def label_maps(categories: Sequence[Mapping], num_classes: int) -> tuple[dict[int, str], dict[str, int]]:
+  """(id2label, label2id) of a model with `num_classes` class slots whose indices `categories` name.
+
+  id2label has every slot, "N/A" where no category has that id (COCO's unused ids), as the hub's
+  facebook/detr-resnet-50 config.json; label2id has the named slots only, so that it is one-to-one.
+  Raises:
+    ValueError: a category id outside [0, num_classes), which the model cannot predict.
+  """
+  names = {int(c["id"]): c["name"] for c in categories}
+  outside = sorted(i for i in names if not 0 <= i < num_classes)
+  if outside:
+    raise ValueError(f"Category ids {outside} do not fit the model's {num_classes} class slots.")
+  return ({i: names.get(i, "N/A") for i in range(num_classes)}, {name: i for i, name in sorted(names.items())})
+
+
+def eval_image_processor(class_name: str, scale: float = 1.0):
+  """transformers' image processor `class_name` (DETR's or Deformable DETR's PIL class) set to the official
+  eval preprocessing (`transforms.eval_resize`, `transforms.normalize`): shorter side round(800 * scale),
+  longer at most round(1333 * scale), bilinear; RGB / 255 normalised with ImageNet's mean and std; a batch
+  padded to its largest image with a pixel mask (an image alone is not padded).
+
+  The PIL classes (`DetrImageProcessorPil`) run without torchvision, and their `save_pretrained` records
+  the base name ("DetrImageProcessor"), from which `AutoImageProcessor` (and so `pipeline`) picks the
+  torchvision class where torchvision is installed and the PIL class elsewhere.
+  Raises:
+    extras.MissingExtraError: see `export_libraries`.
+  """
+  transformers, _ = export_libraries()
+  image_utils = transformers.image_utils
+  return getattr(transformers, class_name)(
+      size={"shortest_edge": round(800 * scale), "longest_edge": round(1333 * scale)},
+      resample=image_utils.PILImageResampling.BILINEAR, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+      image_mean=list(image_utils.IMAGENET_DEFAULT_MEAN), image_std=list(image_utils.IMAGENET_DEFAULT_STD),
+      do_pad=True)
+
+
+def write_pretrained(target, state_dict, directory: str, processor, categories: Optional[Sequence[Mapping]] = None
+                     ) -> None:
+  """Loads `state_dict` (numpy, every key of `target`) into the transformers model `target` strictly, names
+  its class slots after `categories` (`label_maps`; None keeps "LABEL_<i>") and writes it with
+  `save_pretrained` (config.json, model.safetensors) next to the image processor `processor`
+  (preprocessor_config.json).
+
+  Raises:
+    ValueError: see `label_maps`; nothing is written then.
+  """
   _, torch = export_libraries()
+  if categories is not None:
+    target.config.id2label, target.config.label2id = label_maps(categories, target.config.num_labels)
   target.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True)
   target.save_pretrained(directory)
+  processor.save_pretrained(directory)

@@ -11,7 +11,6 @@ rate (`optim.py`), matching and the set loss inside the step (`step.py`), a grad
   step, data position and dropout RNG exactly.
 """
 
-import json
 import os
 import signal
 import time
@@ -29,9 +28,6 @@ from detr_jax.data import coco, pipeline, sources
 from detr_jax.training import optim
 from detr_jax.training.state import TrainState, abstract_train_state, create_train_state, initial_variables
 from detr_jax.training.step import make_train_step, metric_collection
-
-
-CONFIG_FILE = "config.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,29 +97,18 @@ def _evaluate(config, model, state, directory, options, mesh, predict_fn, writer
   writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
   logging.info("Evaluation at step %d on %s/%s (%d images):\n%s", step, directory, config.data.eval_split,
                metrics["num_images"], evaluation.metrics_table(metrics))
-  if jax.process_index() == 0:
-    _write_validation_pictures(model, directory, config.data.eval_split, output_dir, writer, step)
+  if jax.process_index() == 0 and os.path.isfile(coco.annotation_path(directory, config.data.eval_split)):
+    pictures = evaluation.write_validation_pictures(model, directory, config.data.eval_split, output_dir)
+    writer.write_images(step, {f"eval/picture_{image_id}": np.asarray(picture)[None]
+                               for image_id, picture in pictures.items()})
   return metrics
-
-
-def _write_validation_pictures(model, data_dir: str, split: str, output_dir: str, writer, step: int) -> None:
-  """Predictions beside the ground truth for the first validation images: JPEGs in
-  output_dir/pictures/ and TensorBoard images `eval/picture_<image id>`."""
-  with open(os.path.join(output_dir, "detections.json")) as f:
-    detections = json.load(f)
-  pictures = visualize.validation_pictures(coco.annotation_path(data_dir, split), os.path.join(data_dir, split),
-                                           detections, families.of_model(model).score_threshold)
-  os.makedirs(os.path.join(output_dir, "pictures"), exist_ok=True)
-  for image_id, picture in pictures.items():
-    picture.save(os.path.join(output_dir, "pictures", f"{image_id}.jpg"), quality=90)
-  writer.write_images(step, {f"eval/picture_{image_id}": np.asarray(picture)[None]
-                             for image_id, picture in pictures.items()})
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains per `config` in `workdir` (resuming from its latest checkpoint), then evaluates.
 
-  Writes workdir/config.json (the whole `config`, process 0, at every start), workdir/model_config.json,
+  Writes workdir/config.json (the whole `config`, process 0, at every start), workdir/model_config.json and
+  categories.json (the training split's categories, for `inference.Predictor`),
   workdir/checkpoints/<step>/ and TensorBoard summaries (with `flat_hparams(config)` as hparams), and
   workdir/eval_<step>/ after evaluations (the files of `evaluation.evaluate`'s output_dir, and
   pictures/<image id>.jpg: predictions beside the ground truth), and workdir/losses.png at the end.
@@ -141,13 +126,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   family = families.of_model(model)
   directory = sources.data_dir(config.data, workdir)
   options = pipeline.PipelineOptions.from_config(config.data)
+  records = sources.training_records(config, directory)   # before the writer and the manager make the workdir
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
   manager = checkpoints.manager(workdir, max_to_keep=config.checkpoints_to_keep,
                                 save_interval_steps=config.checkpoint_every_steps)
   start_step = manager.latest_step() or 0
-  dataset, steps_per_epoch = sources.training_dataset(config, directory, options,
-                                                      config.batch_size // jax.process_count(), start_step)
+  dataset, steps_per_epoch, categories = sources.training_dataset(
+      config, directory, records, options, config.batch_size // jax.process_count(), start_step)
   num_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
   tx = optim.create(config.optimizer, steps_per_epoch)
   if start_step:
@@ -162,10 +148,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if jax.process_index() == 0:
       os.makedirs(workdir, exist_ok=True)
     checkpoints.write_model_config(workdir, families.model_config(model))
+    checkpoints.write_categories(workdir, categories)
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams(flat_hparams(config))
   if jax.process_index() == 0:   # rewritten on resume, which may change settings such as num_train_steps
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    with open(os.path.join(workdir, checkpoints.TRAINING_CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
   metrics_class = metric_collection(family.loss_term_names(model))

@@ -1,0 +1,180 @@
+r"""Export for serving: a `jax.export` artefact (StableHLO) and a TensorFlow SavedModel, for every family.
+
+Usage:
+  python -m detr_jax.export CKPT OUT_DIR [--height H --width W] [--dtype bfloat16]   (or detr-export)
+
+CKPT is any checkpoint `families.load_model` reads. OUT_DIR gets:
+
+  detector.jax_export   `jax.export` serialisation, batch dimension symbolic, for CPU, CUDA and TPU:
+                        (images [b, H, W, 3] float32 ImageNet-normalised, zero-padded; pixel_mask [b, H, W]
+                        bool, True on real pixels; original_sizes [b, 2] int32 (height, width))
+                        -> (scores [b, N] float32, labels [b, N] int32 category ids, boxes [b, N, 4] float32
+                        xyxy in original pixels): the family's official post-processing, no threshold.
+                        Reload with `jax.export.deserialize(bytes).call(...)`; detr_jax is not needed.
+  saved_model/          TensorFlow SavedModel (jax2tf, native serialisation), signature "serving_default":
+                        images uint8 [b, h, w, 3] (one size per batch, any size whose eval resize fits H x W)
+                        -> {"scores", "labels", "boxes"} as above; the resize (official eval transform times the
+                        checkpoint's scale), normalisation and padding run inside, for TF Serving.
+  serving_config.json   H, W, scale, dtype, family, N, the default score threshold and the category names.
+
+H x W defaults to a square that holds the eval resize of any image (the longest side, 1333 x scale,
+rounded up to 32). Mask models (DETR's panoptic model) are refused: their outputs are full-size masks
+and the panoptic post-processing runs on the host. Errors end the command with one line and status 1.
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from detr_jax import entry, system
+
+JAX_EXPORT_FILE = "detector.jax_export"
+SAVED_MODEL_DIR = "saved_model"
+SERVING_CONFIG_FILE = "serving_config.json"
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def serving_function(model):
+  """(variables, images, pixel_mask, original_sizes) -> (scores, labels, boxes) of `model`, as the module
+  docstring's detector.jax_export, scores and boxes in float32 whatever the compute dtype."""
+  import jax.numpy as jnp
+  from detr_jax import families
+  detections = families.of_model(model).detections
+
+  def detect(variables, images, pixel_mask, original_sizes):
+    scores, labels, boxes = detections(model.apply(variables, images, pixel_mask), original_sizes)
+    return scores.astype(jnp.float32), labels, boxes.astype(jnp.float32)
+
+  return detect
+
+
+def _input_specs(height: int, width: int):
+  import jax
+  import jax.numpy as jnp
+  (batch,) = jax.export.symbolic_shape("b")
+  return (jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32),
+          jax.ShapeDtypeStruct((batch, height, width), jnp.bool_), jax.ShapeDtypeStruct((batch, 2), jnp.int32))
+
+
+def export_jax(model, variables, height: int, width: int):
+  """The `jax.export.Exported` of `serving_function` for H x W inputs, the variables embedded as constants."""
+  import functools
+  import jax
+  detect = functools.partial(serving_function(model), jax.device_get(variables))
+  return jax.export.export(jax.jit(detect), platforms=PLATFORMS)(*_input_specs(height, width))
+
+
+def saved_model_module(model, variables, height: int, width: int, scale: float):
+  """A tf.Module whose `serve(images uint8 [b, h, w, 3])` is the SavedModel's signature (module docstring);
+  the variables are tf.Variables, the detector a jax2tf conversion with a polymorphic batch."""
+  import jax
+  import numpy as np
+  import tensorflow as tf
+  from jax.experimental import jax2tf
+  from detr_jax.data import transforms
+  converted = tf.autograph.experimental.do_not_convert(jax2tf.convert(
+      serving_function(model), polymorphic_shapes=[None, "(b, ...)", "(b, ...)", "(b, ...)"],
+      with_gradient=False, native_serialization_platforms=PLATFORMS))
+
+  class Detector(tf.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.variables_tree = jax.tree.map(lambda v: tf.Variable(np.asarray(v), trainable=False),
+                                         jax.device_get(variables))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    def serve(self, images):
+      example = transforms.normalize(transforms.eval_resize({"image": tf.cast(images, tf.float32)}, scale))
+      resized_h, resized_w = example["size"][0], example["size"][1]
+      tf.debugging.assert_less_equal(example["size"], tf.constant([height, width]),
+                                     message=f"the resized images do not fit the exported {height} x {width}")
+      padding = [[0, 0], [0, height - resized_h], [0, width - resized_w]]
+      batch = tf.shape(images)[0]
+      # Static H x W for the converted function, whose only symbolic dimension is the batch.
+      padded = tf.ensure_shape(tf.pad(example["image"], padding + [[0, 0]]), [None, height, width, 3])
+      pixel_mask = tf.ensure_shape(tf.pad(tf.ones([batch, resized_h, resized_w], tf.bool), padding),
+                                   [None, height, width])
+      original_sizes = tf.tile(tf.shape(images, out_type=tf.int32)[1:3][None], [batch, 1])
+      scores, labels, boxes = converted(self.variables_tree, padded, pixel_mask, original_sizes)
+      return {"scores": scores, "labels": labels, "boxes": boxes}
+
+  return Detector()
+
+
+def default_size(scale: float) -> int:
+  """The side of the square that holds any image's eval resize: round(1333 x scale), rounded up to 32."""
+  return -(-round(1333 * scale) // 32) * 32
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, height: Optional[int] = None, width: Optional[int] = None,
+                      dtype: Optional[str] = None, dilation: bool = False) -> dict:
+  """Writes the module docstring's OUT_DIR for `checkpoint`; returns serving_config.json's contents.
+
+  Args:
+    height, width: the padded input size (default `default_size` of the checkpoint's scale).
+    dtype: the compute dtype ("float32", "bfloat16"); default the checkpoint's.
+  Raises:
+    FileNotFoundError, checkpoints.CheckpointMismatchError: see `families.load_model`.
+    FileExistsError: OUT_DIR already holds an export.
+    ValueError: a mask model, a size that is not a multiple of 32, an unknown dtype.
+  """
+  import tensorflow as tf
+  from detr_jax import families, inference
+  if os.path.exists(os.path.join(out_dir, JAX_EXPORT_FILE)) or os.path.exists(os.path.join(out_dir, SAVED_MODEL_DIR)):
+    raise FileExistsError(f"{out_dir} already holds an export; choose an empty directory.")
+  predictor = inference.Predictor.from_checkpoint(checkpoint, dilation=dilation)
+  model, family = predictor.model, predictor.family
+  if families.has_masks(model):
+    raise ValueError(f"{checkpoint} is a mask model ({families.describe(model)}); export serves box detectors: "
+                     "export the detector it was trained from.")
+  if dtype:
+    model = model.clone(dtype=dtype)
+  scale = predictor.options.scale
+  height, width = height or default_size(scale), width or default_size(scale)
+  if height % 32 or width % 32:
+    raise ValueError(f"--height={height} --width={width}: both must be multiples of 32 (the backbone's stride).")
+  variables = predictor.variables
+  exported = export_jax(model, variables, height, width)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, JAX_EXPORT_FILE), "wb") as f:
+    f.write(exported.serialize())
+  module = saved_model_module(model, variables, height, width, scale)
+  tf.saved_model.save(module, os.path.join(out_dir, SAVED_MODEL_DIR), signatures={"serving_default": module.serve})
+  serving_config = {"family": family.name, "model": families.describe(model), "height": height, "width": width,
+                    "scale": scale, "dtype": model.dtype, "num_detections": exported.out_avals[0].shape[1],
+                    "score_threshold": predictor.threshold,
+                    "categories": [{"id": i, "name": name} for i, name in sorted(predictor.names.items())]}
+  with open(os.path.join(out_dir, SERVING_CONFIG_FILE), "w") as f:
+    json.dump(serving_config, f, indent=1)
+  return serving_config
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The `detr-export` command; returns 0, exits with 1 on a user mistake and 2 on a usage error."""
+  parser = argparse.ArgumentParser(prog="detr-export", description=__doc__.split("\n")[0])
+  parser.add_argument("checkpoint")
+  parser.add_argument("out_dir")
+  parser.add_argument("--height", type=int, default=None, help="padded input height (multiple of 32)")
+  parser.add_argument("--width", type=int, default=None, help="padded input width (multiple of 32)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype")
+  parser.add_argument("--dilation", action="store_true", help="a .pth checkpoint is DC5")
+  args = parser.parse_args(argv)
+  system.import_tensorflow_quietly()
+  system.quiet_library_logs()
+  with entry.user_errors():
+    serving_config = export_checkpoint(args.checkpoint, args.out_dir, args.height, args.width, args.dtype,
+                                       args.dilation)
+  print(f"Exported {serving_config['model']} at {serving_config['height']} x {serving_config['width']} to "
+        f"{os.path.join(args.out_dir, JAX_EXPORT_FILE)} and {os.path.join(args.out_dir, SAVED_MODEL_DIR)}")
+  return 0
+
+
+def run() -> None:
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()
