@@ -75,7 +75,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, data
     metrics = evaluation.evaluate(model, variables, data_dir, split, batch_size,
                                   pipeline.PipelineOptions.from_config(config.data), mesh,
                                   output_dir=output_dir, max_images=max_images, panoptic=panoptic)
-    if output_dir and jax.process_index() == 0 and "AP" in metrics:
+    if output_dir and jax.process_index() == 0 and "AP" in metrics:   # box AP scored: an instances json
       evaluation.write_validation_pictures(model, data_dir, split, output_dir)
   print(f"{families.describe(model)} on {data_dir}/{split} ({metrics['num_images']} images):")
   print(evaluation.metrics_table(metrics))

@@ -87,8 +87,7 @@ class Predictor:
     self.masks = families.has_masks(model)
     self.variables = jax.device_put(variables, sharding.replicated(self.mesh))
     self._predict = evaluation.make_predict_fn(model, masks=self.masks)
-    self._attention = jax.jit(lambda variables, batch: model.apply(
-        variables, batch["image"], batch["pixel_mask"], mutable=["intermediates"])[1]["intermediates"])
+    self._predict_with_attention = evaluation.make_predict_fn(model, masks=self.masks, intermediates=True)
     self._preprocess = tf.function(self._resize_and_normalize, reduce_retracing=True,
                                    input_signature=[tf.TensorSpec([None, None, 3], tf.float32)])
 
@@ -218,9 +217,8 @@ class Predictor:
                        "points instead.")
     example = self.preprocess(image)
     batch = self._batch([example], self.padded_shape(example["size"]))
-    transformer = jax.tree.map(lambda x: np.asarray(x[0]), self._attention(self.variables, batch))["transformer"]
-    outputs = jax.tree.map(np.asarray, self._predict(self.variables, batch))
-    prediction = {k: v[0] for k, v in outputs.items()}
+    prediction = jax.tree.map(lambda x: np.asarray(x[0]), self._predict_with_attention(self.variables, batch))
+    transformer = prediction["intermediates"]["transformer"]
     detections = self._detections(prediction, example)
     for detection, query in zip(detections, self._kept(prediction)):   # DETR: one detection per query
       detection["query"] = int(query)

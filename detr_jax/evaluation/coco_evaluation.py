@@ -40,21 +40,27 @@ PANOPTIC_METRIC_NAMES = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "
 _PANOPTIC_GROUPS = (("All", ""), ("Things", "_th"), ("Stuff", "_st"))
 
 
-def make_predict_fn(model: nn.Module, masks: bool = False, panoptic: bool = False):
+def make_predict_fn(model: nn.Module, masks: bool = False, panoptic: bool = False, intermediates: bool = False):
   """jit(variables, batch) -> per-image predictions, sharded like the batch.
 
   Always "scores" [B, Q] float32, "labels" [B, Q] int32 (COCO category ids) and "boxes" [B, Q, 4]
   xyxy in original-image pixels (the family's official post-processing). With `masks`, also "masks" [B, Q, H, W]
   bool (`postprocess.instance_masks`; H, W the padded input size). With `panoptic`, also the raw
-  "pred_logits" [B, Q, K + 1] and "pred_masks" [B, Q, H/4, W/4] for `postprocess.panoptic`.
+  "pred_logits" [B, Q, K + 1] and "pred_masks" [B, Q, H/4, W/4] for `postprocess.panoptic`. With
+  `intermediates`, also "intermediates": what the model sows (DETR's attention maps, `transformer.MultiheadAttention`).
   The variables are replicated, so XLA runs each device's images where they are.
   """
   detections = families.of_model(model).detections
 
   def predict(variables, batch):
-    outputs = model.apply(variables, batch["image"], batch["pixel_mask"])
+    if intermediates:
+      outputs, sown = model.apply(variables, batch["image"], batch["pixel_mask"], mutable=["intermediates"])
+    else:
+      outputs = model.apply(variables, batch["image"], batch["pixel_mask"])
     scores, labels, boxes = detections(outputs, batch["orig_size"])
     predictions = {"scores": scores, "labels": labels, "boxes": boxes}
+    if intermediates:
+      predictions["intermediates"] = sown["intermediates"]
     if masks:
       predictions["masks"] = postprocess.instance_masks(outputs["pred_masks"], batch["size"], batch["image"].shape[1:3])
     if panoptic:

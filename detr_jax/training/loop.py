@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from detr_jax import checkpoints, evaluation, families, sharding, visualize
-from detr_jax.data import coco, pipeline, sources
+from detr_jax.data import pipeline, sources
 from detr_jax.training import optim
 from detr_jax.training.state import TrainState, abstract_train_state, create_train_state, initial_variables
 from detr_jax.training.step import make_train_step, metric_collection
@@ -97,7 +97,7 @@ def _evaluate(config, model, state, directory, options, mesh, predict_fn, writer
   writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
   logging.info("Evaluation at step %d on %s/%s (%d images):\n%s", step, directory, config.data.eval_split,
                metrics["num_images"], evaluation.metrics_table(metrics))
-  if jax.process_index() == 0 and os.path.isfile(coco.annotation_path(directory, config.data.eval_split)):
+  if jax.process_index() == 0 and "AP" in metrics:   # box AP was scored: the split has an instances json
     pictures = evaluation.write_validation_pictures(model, directory, config.data.eval_split, output_dir)
     writer.write_images(step, {f"eval/picture_{image_id}": np.asarray(picture)[None]
                                for image_id, picture in pictures.items()})
