@@ -208,7 +208,8 @@ def _free_port():
 
 def test_two_processes_with_coordinator_flags(trained, tmp_path):
   """Two train.py processes on localhost (one CPU device each) in one workdir: they train together
-  over a 2-device mesh, and their losses are the 1-process run's (same global batch of 2).
+  over a 2-device mesh, and their losses and gradient norms are the 1-process run's (same global
+  batch of 2); step 2's show that step 1's update was the same.
 
   The device solver: the host matcher refuses multi-device CPU meshes (XLA:CPU deadlocks on host
   callbacks beside collectives, see matcher.match)."""
@@ -232,10 +233,11 @@ def test_two_processes_with_coordinator_flags(trained, tmp_path):
   assert _latest_step(workdir)[0] == 2
   assert not [p for p in workdir.iterdir() if p.name.startswith("eval_")]
   two, one = summaries.read_scalars(str(workdir)), summaries.read_scalars(str(trained[0]))
-  for name in ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"):
+  for name in ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "grad_norm"):
     assert sorted(two[name]) == [1, 2], name
     for step in (1, 2):
-      assert two[name][step] == pytest.approx(one[name][step], abs=1e-5), (name, step)
+      tolerance = 1e-6 * one[name][step] if name == "grad_norm" else 1e-5   # float summation order differs
+      assert two[name][step] == pytest.approx(one[name][step], abs=tolerance), (name, step)
 
 
 def test_eval_py_reads_every_checkpoint_kind(trained, tmp_path):
@@ -274,6 +276,26 @@ def test_predict_py_on_the_workdir(trained, tmp_path):
   assert {r["category_name"] for r in results} <= set(names.values()) | {"0"}   # slot 0 has no category
   assert len(list(out.glob("*.jpg"))) == len(os.listdir(images))
   assert f"{len(os.listdir(images))} images in" in run.stdout
+
+
+# The README's first command trains configs/generated.py for 600 steps to AP50 0.50 (docs/results.md
+# run 8). After 100 of them (same config, no learning-rate drop yet) it measured AP50 0.096 on this
+# host (0.036 after 50); the floor leaves room for other CPUs' rounding, under which runs part ways.
+LEARNING_STEPS, AP50_FLOOR = 100, 0.02
+
+
+def test_the_main_job_learns_within_a_smaller_budget(tmp_path):
+  """The README's first command's training, unchanged but for the step budget: AP50 on the 32
+  generated validation images (never trained on) reaches a floor, and the training class_error
+  (100 % for an untrained model) falls to under half its value over the first 25 steps."""
+  workdir = tmp_path / "main_job"
+  run = run_command(*train_command(workdir, f"--config.num_train_steps={LEARNING_STEPS}"), timeout=1200)
+  assert run.returncode == 0, run.stderr[-3000:]
+  metrics = json.loads((workdir / f"eval_{LEARNING_STEPS}" / "metrics.json").read_text())
+  assert metrics["num_images"] == SPLITS["val"]
+  assert metrics["AP50"] >= AP50_FLOOR, metrics
+  class_error = summaries.read_scalars(str(workdir))["class_error"]
+  assert class_error[LEARNING_STEPS] < 0.5 * class_error[25], class_error
 
 
 def test_legacy_import_layout_loads(tmp_path):

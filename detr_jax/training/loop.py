@@ -220,6 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.warning("Preempted: saved step %d in %s; rerun the same command to resume.", step, manager.directory)
         return state
   finally:
+    batches.close()   # stops the tf.data threads now, not at some later garbage collection
     preemption.close()
     manager.close()
     writer.flush()
