@@ -6,7 +6,7 @@ query (S = Q = 17821), 8 heads of 32 channels, 4 points. Forward, and forward + 
 respect to value, locations and weights; calls alternate between the two sides in one process.
 Prints ms per call and the ratio PyTorch / JAX (above 1: JAX is faster).
 
-  python benchmarks/deformable_attention.py [--batch 1] [--iters 5] [--height 800 --width 1066]
+  python benchmarks/deformable_attention.py [--batch 1] [--iters 5] [--height 800 --width 1066] [--channels 32]
 """
 
 import argparse
@@ -41,19 +41,20 @@ def main():
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--height", type=int, default=800)
   parser.add_argument("--width", type=int, default=1066)
+  parser.add_argument("--channels", type=int, default=32, help="per head: 32 at width 256, 16 at 128")
   args = parser.parse_args()
   system.retain_freed_host_memory()
 
   shapes = level_shapes(args.height, args.width)
   total = sum(h * w for h, w in shapes)
-  heads, channels, points = 8, 32, 4
+  heads, channels, points = 8, args.channels, 4
   rng = np.random.default_rng(0)
   value = rng.normal(size=(args.batch, total, heads, channels)).astype(np.float32)
   locations = rng.uniform(-0.05, 1.05, size=(args.batch, total, heads, len(shapes), points, 2)).astype(np.float32)
   weights = rng.uniform(size=(args.batch, total, heads, len(shapes), points)).astype(np.float32)
   cotangent = rng.normal(size=(args.batch, total, heads * channels)).astype(np.float32)
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  print(f"levels {shapes}, S = Q = {total}, batch {args.batch}; JAX {jax.__version__} on {jax.devices()[0].device_kind}; "
+  print(f"levels {shapes}, S = Q = {total}, batch {args.batch}, {heads} heads of {channels} channels; JAX {jax.__version__} on {jax.devices()[0].device_kind}; "
         f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads")
 
   torch_inputs = [torch.from_numpy(a).to(device) for a in (value, locations, weights)]
