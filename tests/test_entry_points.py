@@ -3,8 +3,8 @@
 One `train.py --config configs/generated.py` run (module fixture: 3 steps of a shrunk model on
 the generated dataset, evaluation at step 2 and at the end) feeds the checks of its workdir:
 `python -m detr_jax.porting export`, `python -m detr_jax.data.check` on the generated folder,
-and a refused rerun with another seed. The batch-size check and the multi-process flags get runs
-of their own.
+and a refused rerun with another seed. The batch-size check, the multi-process flags and the main
+job's learning (the unshrunk config for 100 steps) get runs of their own.
 """
 
 import hashlib
