@@ -104,6 +104,15 @@ def _train_on_two_processes(**args) -> list[dict]:
   return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
 
 
+def test_two_processes_train_like_one(coco_mini, tmp_path):
+  two, _ = _train_on_two_processes(data_dir=str(coco_mini), workdir=str(tmp_path / "two"))
+  one = run_on_cpu_devices(TRAIN_SCRIPT, json.dumps({"data_dir": str(coco_mini), "workdir": str(tmp_path / "one")}),
+                           devices=4)
+  assert two["devices"] == one["devices"] == 4
+  _assert_same_losses(one, two, atol=1e-5)
+  assert _max_parameter_difference(tmp_path / "one", tmp_path / "two") <= 1e-6
+
+
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(coco_mini, tmp_path):
   """jax.distributed's preemption sync (orbax `reached_preemption`) makes both processes agree on
   the step to save after one of them gets SIGTERM; both exit cleanly, and a rerun resumes there."""
