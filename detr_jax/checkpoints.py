@@ -119,13 +119,14 @@ def read_categories(directory: str) -> Optional[list[dict]]:
     return json.load(f)["categories"]
 
 
-def read_training_config(directory: str) -> Optional[dict]:
-  """The config a train.py workdir was trained with (DIR/config.json as a dict), or None elsewhere."""
-  path = os.path.join(directory, TRAINING_CONFIG_FILE)
+def read_data_config(checkpoint: str) -> Optional[dict]:
+  """The data section (image scale, padding) of the config a train.py workdir was trained with
+  (DIR/config.json), or None for any other checkpoint path."""
+  path = os.path.join(checkpoint, TRAINING_CONFIG_FILE)
   if not os.path.isfile(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    return json.load(f).get("data")
 
 
 def save_model_dir(directory: str, model_config: Mapping[str, Any], variables,

@@ -1,9 +1,10 @@
 r"""Export for serving: a `jax.export` artefact (StableHLO) and a TensorFlow SavedModel, for every family.
 
 Usage:
-  python -m detr_jax.export CKPT OUT_DIR [--height H --width W] [--dtype bfloat16]   (or detr-export)
+  python -m detr_jax.export CKPT OUT_DIR [--height H --width W | --buckets HxW ...] [--dtype bfloat16]
+  (or detr-export)
 
-CKPT is any checkpoint `families.load_model` reads. OUT_DIR gets:
+CKPT is any checkpoint `families.load_model` reads. OUT_DIR gets, for one padded input size H x W:
 
   detector.jax_export   `jax.export` serialisation, batch dimension symbolic, for CPU, CUDA and TPU:
                         (images [b, H, W, 3] float32 ImageNet-normalised, zero-padded; pixel_mask [b, H, W]
@@ -15,11 +16,15 @@ CKPT is any checkpoint `families.load_model` reads. OUT_DIR gets:
                         images uint8 [b, h, w, 3] (one size per batch, any size whose eval resize fits H x W)
                         -> {"scores", "labels", "boxes"} as above; the resize (official eval transform times the
                         checkpoint's scale), normalisation and padding run inside, for TF Serving.
-  serving_config.json   H, W, scale, dtype, family, N, the default score threshold and the category names.
+  serving_config.json   the sizes and their files ("buckets"), scale, dtype, family, N, the default score
+                        threshold and the category names.
 
 H x W defaults to a square that holds the eval resize of any image (the longest side, 1333 x scale,
-rounded up to 32). Mask models (DETR's panoptic model) are refused: their outputs are full-size masks
-and the panoptic post-processing runs on the host. Errors end the command with one line and status 1.
+rounded up to 32). `--buckets` exports several padded sizes instead (e.g. 800x1088 800x1344 1344x800 at
+scale 1), so that an image is not padded far beyond its own size: one `detector_HxW.jax_export` per
+size, and one SavedModel that pads each batch to the smallest size (by area) that holds its eval resize.
+Mask models (DETR's panoptic model) are refused: their outputs are full-size masks and the panoptic
+post-processing runs on the host. Errors end the command with one line and status 1.
 """
 
 import argparse
@@ -29,8 +34,10 @@ import sys
 from typing import Optional, Sequence
 
 from detr_jax import entry, system
+from detr_jax.data import image_sizes
 
-JAX_EXPORT_FILE = "detector.jax_export"
+JAX_EXPORT_FILE = "detector.jax_export"                 # one size
+BUCKET_EXPORT_FILE = "detector_{height}x{width}.jax_export"   # each size of --buckets
 SAVED_MODEL_DIR = "saved_model"
 SERVING_CONFIG_FILE = "serving_config.json"
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -66,9 +73,10 @@ def export_jax(model, variables, height: int, width: int):
   return jax.export.export(jax.jit(detect), platforms=PLATFORMS)(*_input_specs(height, width))
 
 
-def saved_model_module(model, variables, height: int, width: int, scale: float):
+def saved_model_module(model, variables, sizes: Sequence[tuple[int, int]], scale: float):
   """A tf.Module whose `serve(images uint8 [b, h, w, 3])` is the SavedModel's signature (module docstring);
-  the variables are tf.Variables, the detector a jax2tf conversion with a polymorphic batch."""
+  the variables are tf.Variables, the detector a jax2tf conversion with a polymorphic batch, lowered once
+  per padded size of `sizes` ((H, W) pairs, the smallest by area first, as `padded_sizes` orders them)."""
   import jax
   import numpy as np
   import tensorflow as tf
@@ -89,16 +97,25 @@ def saved_model_module(model, variables, height: int, width: int, scale: float):
     def serve(self, images):
       example = transforms.normalize(transforms.eval_resize({"image": tf.cast(images, tf.float32)}, scale))
       resized_h, resized_w = example["size"][0], example["size"][1]
-      tf.debugging.assert_less_equal(example["size"], tf.constant([height, width]),
-                                     message=f"the resized images do not fit the exported {height} x {width}")
-      padding = [[0, 0], [0, height - resized_h], [0, width - resized_w]]
+      fits = tf.logical_and(tf.constant([h for h, _ in sizes]) >= resized_h,
+                            tf.constant([w for _, w in sizes]) >= resized_w)
+      tf.debugging.assert_equal(tf.reduce_any(fits), True, message=(
+          f"the resized images fit none of the exported sizes {' '.join(f'{h}x{w}' for h, w in sizes)}"))
       batch = tf.shape(images)[0]
-      # Static H x W for the converted function, whose only symbolic dimension is the batch.
-      padded = tf.ensure_shape(tf.pad(example["image"], padding + [[0, 0]]), [None, height, width, 3])
-      pixel_mask = tf.ensure_shape(tf.pad(tf.ones([batch, resized_h, resized_w], tf.bool), padding),
-                                   [None, height, width])
       original_sizes = tf.tile(tf.shape(images, out_type=tf.int32)[1:3][None], [batch, 1])
-      scores, labels, boxes = converted(self.variables_tree, padded, pixel_mask, original_sizes)
+
+      def detect_at(height, width):
+        def detect():
+          padding = [[0, 0], [0, height - resized_h], [0, width - resized_w]]
+          # Static H x W for the converted function, whose only symbolic dimension is the batch.
+          padded = tf.ensure_shape(tf.pad(example["image"], padding + [[0, 0]]), [None, height, width, 3])
+          pixel_mask = tf.ensure_shape(tf.pad(tf.ones([batch, resized_h, resized_w], tf.bool), padding),
+                                       [None, height, width])
+          return converted(self.variables_tree, padded, pixel_mask, original_sizes)
+        return detect
+
+      first_fit = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+      scores, labels, boxes = tf.switch_case(first_fit, [detect_at(h, w) for h, w in sizes])
       return {"scores": scores, "labels": labels, "boxes": boxes}
 
   return Detector()
@@ -106,25 +123,43 @@ def saved_model_module(model, variables, height: int, width: int, scale: float):
 
 def default_size(scale: float) -> int:
   """The side of the square that holds any image's eval resize: round(1333 x scale), rounded up to 32."""
-  return -(-round(1333 * scale) // 32) * 32
+  return -(-image_sizes.scaled(image_sizes.MAX_SIDE, scale) // 32) * 32
+
+
+def padded_sizes(sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+  """`sizes` ((H, W) pixel pairs) without repeats, the smallest area first, as the SavedModel tries them.
+
+  Raises:
+    ValueError: a side that is not a positive multiple of 32 (the backbone's stride).
+  """
+  for height, width in sizes:
+    if height <= 0 or width <= 0 or height % 32 or width % 32:
+      raise ValueError(f"padded size {height}x{width}: both sides must be positive multiples of 32 "
+                       "(the backbone's stride).")
+  return sorted(set(sizes), key=lambda size: (size[0] * size[1], size))
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, height: Optional[int] = None, width: Optional[int] = None,
-                      dtype: Optional[str] = None, dilation: bool = False) -> dict:
+                      dtype: Optional[str] = None, dilation: bool = False,
+                      buckets: Optional[Sequence[tuple[int, int]]] = None) -> dict:
   """Writes the module docstring's OUT_DIR for `checkpoint`; returns serving_config.json's contents.
 
   Args:
     height, width: the padded input size (default `default_size` of the checkpoint's scale).
     dtype: the compute dtype ("float32", "bfloat16"); default the checkpoint's.
+    buckets: several padded sizes (H, W) instead of height and width.
   Raises:
     FileNotFoundError, checkpoints.CheckpointMismatchError: see `families.load_model`.
     FileExistsError: OUT_DIR already holds an export.
-    ValueError: a mask model, a size that is not a multiple of 32, an unknown dtype.
+    ValueError: a mask model, a size that is not a multiple of 32, buckets with height or width, an
+      unknown dtype.
   """
   import tensorflow as tf
   from detr_jax import families, inference
   if os.path.exists(os.path.join(out_dir, JAX_EXPORT_FILE)) or os.path.exists(os.path.join(out_dir, SAVED_MODEL_DIR)):
     raise FileExistsError(f"{out_dir} already holds an export; choose an empty directory.")
+  if buckets and (height or width):
+    raise ValueError("--buckets gives the padded sizes itself: leave out --height and --width.")
   predictor = inference.Predictor.from_checkpoint(checkpoint, dilation=dilation)
   model, family = predictor.model, predictor.family
   if families.has_masks(model):
@@ -133,23 +168,32 @@ def export_checkpoint(checkpoint: str, out_dir: str, height: Optional[int] = Non
   if dtype:
     model = model.clone(dtype=dtype)
   scale = predictor.options.scale
-  height, width = height or default_size(scale), width or default_size(scale)
-  if height % 32 or width % 32:
-    raise ValueError(f"--height={height} --width={width}: both must be multiples of 32 (the backbone's stride).")
+  sizes = padded_sizes(buckets or [(height or default_size(scale), width or default_size(scale))])
+  files = [BUCKET_EXPORT_FILE.format(height=h, width=w) if buckets else JAX_EXPORT_FILE for h, w in sizes]
   variables = predictor.variables
-  exported = export_jax(model, variables, height, width)
+  exported = [export_jax(model, variables, h, w) for h, w in sizes]
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, JAX_EXPORT_FILE), "wb") as f:
-    f.write(exported.serialize())
-  module = saved_model_module(model, variables, height, width, scale)
+  for name, artefact in zip(files, exported):
+    with open(os.path.join(out_dir, name), "wb") as f:
+      f.write(artefact.serialize())
+  module = saved_model_module(model, variables, sizes, scale)
   tf.saved_model.save(module, os.path.join(out_dir, SAVED_MODEL_DIR), signatures={"serving_default": module.serve})
-  serving_config = {"family": family.name, "model": families.describe(model), "height": height, "width": width,
-                    "scale": scale, "dtype": model.dtype, "num_detections": exported.out_avals[0].shape[1],
+  serving_config = {"family": family.name, "model": families.describe(model),
+                    "buckets": [{"height": h, "width": w, "file": name} for (h, w), name in zip(sizes, files)],
+                    "scale": scale, "dtype": model.dtype, "num_detections": exported[0].out_avals[0].shape[1],
                     "score_threshold": predictor.threshold,
                     "categories": [{"id": i, "name": name} for i, name in sorted(predictor.names.items())]}
   with open(os.path.join(out_dir, SERVING_CONFIG_FILE), "w") as f:
     json.dump(serving_config, f, indent=1)
   return serving_config
+
+
+def _size(text: str) -> tuple[int, int]:
+  """argparse type of a --buckets entry: "HxW" -> (H, W)."""
+  height, x, width = text.lower().partition("x")
+  if not (x and height.isdigit() and width.isdigit()):
+    raise argparse.ArgumentTypeError(f"{text!r} is not HxW (e.g. 800x1344)")
+  return int(height), int(width)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -159,6 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("out_dir")
   parser.add_argument("--height", type=int, default=None, help="padded input height (multiple of 32)")
   parser.add_argument("--width", type=int, default=None, help="padded input width (multiple of 32)")
+  parser.add_argument("--buckets", type=_size, nargs="+", default=None, metavar="HxW",
+                      help="several padded input sizes instead of --height/--width, e.g. 800x1088 800x1344")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype")
   parser.add_argument("--dilation", action="store_true", help="a .pth checkpoint is DC5")
   args = parser.parse_args(argv)
@@ -166,9 +212,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   system.quiet_library_logs()
   with entry.user_errors():
     serving_config = export_checkpoint(args.checkpoint, args.out_dir, args.height, args.width, args.dtype,
-                                       args.dilation)
-  print(f"Exported {serving_config['model']} at {serving_config['height']} x {serving_config['width']} to "
-        f"{os.path.join(args.out_dir, JAX_EXPORT_FILE)} and {os.path.join(args.out_dir, SAVED_MODEL_DIR)}")
+                                       args.dilation, args.buckets)
+  buckets = serving_config["buckets"]
+  sizes = ", ".join(f"{b['height']} x {b['width']}" for b in buckets)
+  files = ", ".join(os.path.join(args.out_dir, b["file"]) for b in buckets)
+  print(f"Exported {serving_config['model']} at {sizes} to {files} and {os.path.join(args.out_dir, SAVED_MODEL_DIR)}")
   return 0
 
 

@@ -263,6 +263,5 @@ class Predictor:
 
 def workdir_options(path: str) -> Optional[pipeline.PipelineOptions]:
   """The resize and padding a train.py workdir's config.json trained and evaluated with; None elsewhere."""
-  training_config = checkpoints.read_training_config(path) if os.path.isdir(path) else None
-  data = (training_config or {}).get("data")
+  data = checkpoints.read_data_config(path)
   return pipeline.PipelineOptions.from_config(data) if data else None

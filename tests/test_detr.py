@@ -86,10 +86,10 @@ def test_dropout_only_in_training(two_real_images):
   images, mask = two_real_images
   model = detr.DETR(backbone_depth=18, num_encoder_layers=1, num_decoder_layers=2)
   variables = detr.init_variables(model, jax.random.PRNGKey(0))
-  eval_a = model.apply(variables, images, mask)
-  eval_b = model.apply(variables, images, mask)
-  train_a = model.apply(variables, images, mask, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
-  train_b = model.apply(variables, images, mask, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+  evaluate = jax.jit(model.apply)
+  train = jax.jit(lambda v, rng: model.apply(v, images, mask, train=True, rngs={"dropout": rng}))
+  eval_a, eval_b = evaluate(variables, images, mask), evaluate(variables, images, mask)
+  train_a, train_b = train(variables, jax.random.PRNGKey(1)), train(variables, jax.random.PRNGKey(2))
   np.testing.assert_array_equal(eval_a["pred_logits"], eval_b["pred_logits"])
   assert np.abs(train_a["pred_logits"] - train_b["pred_logits"]).max() > 1e-3
   assert len(eval_a["aux_outputs"]) == 1

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from detr_jax import evaluation, summaries
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, xla_flags
 
 # configs/generated.py shrunk so that a step compiles and runs in seconds on 2 cores: the model of
 # tests/test_training.py's tiny_config (ResNet-18, width 64, 1+2 layers, 12 queries) on 136x136
@@ -35,10 +35,8 @@ SPLITS = {"train": 512, "val": 32}   # generated.write_coco_folder's defaults
 
 
 def _env(**extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT), **extra)
-  if "XLA_FLAGS" not in extra:
-    env.pop("XLA_FLAGS", None)
-  return env
+  """A command's environment: one CPU device and the tests' XLA flags, unless `extra` says otherwise."""
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO_ROOT), "XLA_FLAGS": xla_flags(1), **extra}
 
 
 def run_command(*args, timeout=600, **env):
@@ -194,7 +192,7 @@ def test_batch_size_must_divide_over_devices(tmp_path):
   workdir = tmp_path / "workdir"
   message = "config.batch_size=3 is not a multiple of the 2 devices"
   run = run_command(*train_command(workdir, "--config.batch_size=3"), timeout=300,
-                    XLA_FLAGS="--xla_force_host_platform_device_count=2")
+                    XLA_FLAGS=xla_flags(2))
   assert run.returncode != 0
   assert message in run.stderr, run.stderr[-3000:]
   assert not workdir.exists()   # refused before anything is written
@@ -289,7 +287,8 @@ def test_the_main_job_learns_within_a_smaller_budget(tmp_path):
   generated validation images (never trained on) reaches a floor, and the training class_error
   (100 % for an untrained model) falls to under half its value over the first 25 steps."""
   workdir = tmp_path / "main_job"
-  run = run_command(*train_command(workdir, f"--config.num_train_steps={LEARNING_STEPS}"), timeout=1200)
+  run = run_command(*train_command(workdir, f"--config.num_train_steps={LEARNING_STEPS}"), timeout=1200,
+                    XLA_FLAGS="")   # XLA's defaults, as the README's command runs
   assert run.returncode == 0, run.stderr[-3000:]
   metrics = json.loads((workdir / f"eval_{LEARNING_STEPS}" / "metrics.json").read_text())
   assert metrics["num_images"] == SPLITS["val"]

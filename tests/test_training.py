@@ -23,7 +23,7 @@ from detr_jax.models import postprocess
 from detr_jax.training import loop
 from references.transformers_detr import hf_detr
 from tests.helpers import (LOSS_TERMS, REPO_ROOT, instrumented_train_step, require_shared_file, run_on_cpu_devices,
-                           tiny_config, tiny_deformable_config)
+                           tiny_config, tiny_deformable_config, xla_flags)
 
 
 
@@ -92,7 +92,7 @@ def _free_port():
 def _train_on_two_processes(**args) -> list[dict]:
   """TRAIN_SCRIPT on 2 localhost processes of 2 CPU devices each; each process's printed JSON."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu",
              PYTHONPATH=str(REPO_ROOT))
   runs = [subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, json.dumps(
               {**args, "port": port, "num_processes": 2, "process_id": i})],
@@ -458,6 +458,6 @@ def test_the_training_step_draws_dropout(coco_mini):
   # Each state gets its own copy of the variables: the step donates the state's buffers.
   step_losses = [float(train_step(training.create_train_state(jax.tree.map(jnp.array, variables), tx, seed), batch)[2])
                  for seed in (0, 1)]
-  deterministic_loss = float(criterion(model.apply(variables, images, mask), batch)[0])
+  deterministic_loss = float(criterion(jax.jit(model.apply)(variables, images, mask), batch)[0])
   assert abs(step_losses[0] - deterministic_loss) > 1e-3 and abs(step_losses[1] - deterministic_loss) > 1e-3
   assert abs(step_losses[0] - step_losses[1]) > 1e-3

@@ -11,6 +11,8 @@ same augmentation.
 
 import tensorflow as tf
 
+from detr_jax.data.image_sizes import EVAL_SHORTER_SIDE, MAX_SIDE, scaled
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TRAIN_SCALES = tuple(range(480, 801, 32))
@@ -110,8 +112,8 @@ def train_augment(example, seed, scale: float = 1.0):
   RandomResize({400, 500, 600}) -> RandomSizeCrop(384, 600) -> RandomResize(480..800, max 1333).
   """
   seeds = tf.random.experimental.stateless_split(seed, 6)
-  sizes = tuple(int(round(s * scale)) for s in TRAIN_SCALES)
-  max_size = int(round(1333 * scale))
+  sizes = tuple(scaled(s, scale) for s in TRAIN_SCALES)
+  max_size = scaled(MAX_SIDE, scale)
   flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
   example = tf.cond(flip, lambda: horizontal_flip(example), lambda: example)
 
@@ -119,8 +121,8 @@ def train_augment(example, seed, scale: float = 1.0):
     return random_resize(example, sizes, max_size, seeds[2])
 
   def crop():
-    cropped = random_resize(example, tuple(int(round(s * scale)) for s in (400, 500, 600)), None, seeds[3])
-    cropped = random_size_crop(cropped, int(round(384 * scale)), int(round(600 * scale)), seeds[4])
+    cropped = random_resize(example, tuple(scaled(s, scale) for s in (400, 500, 600)), None, seeds[3])
+    cropped = random_size_crop(cropped, scaled(384, scale), scaled(600, scale), seeds[4])
     return random_resize(cropped, sizes, max_size, seeds[5])
 
   return tf.cond(tf.random.stateless_uniform([], seeds[1]) < 0.5, plain, crop)
@@ -128,7 +130,7 @@ def train_augment(example, seed, scale: float = 1.0):
 
 def eval_resize(example, scale: float = 1.0):
   """Official validation transform: shorter side 800, longer at most 1333 (times `scale`)."""
-  return resize(example, int(round(800 * scale)), int(round(1333 * scale)))
+  return resize(example, scaled(EVAL_SHORTER_SIDE, scale), scaled(MAX_SIDE, scale))
 
 
 def normalize(example):

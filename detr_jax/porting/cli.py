@@ -42,10 +42,9 @@ def main(argv=None) -> int:
       model, variables = families.load_model(args.checkpoint_dir)
       family = families.of_model(model)
       if args.hf:
-        trained = checkpoints.read_training_config(args.checkpoint_dir) or {}   # a workdir's input size
+        data = checkpoints.read_data_config(args.checkpoint_dir) or {}   # a workdir's input size
         family.save_hf_pretrained(model, variables, args.destination,
-                                  families.load_categories(args.checkpoint_dir, model),
-                                  scale=trained.get("data", {}).get("scale", 1.0))
+                                  families.load_categories(args.checkpoint_dir, model), scale=data.get("scale", 1.0))
       else:
         torch_files.save_pytorch_checkpoint(family.to_pytorch_state_dict(variables), args.destination)
       print(f"Exported {args.checkpoint_dir} to {args.destination} ({'Hugging Face' if args.hf else 'official'} layout)")

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from detr_jax import checkpoints, extras
+from detr_jax.data import image_sizes
 from detr_jax.models import backbone as backbone_lib
 from detr_jax.models import detr as detr_lib
 from detr_jax.porting import official
@@ -235,7 +236,8 @@ def eval_image_processor(class_name: str, scale: float = 1.0):
   transformers, _ = export_libraries()
   image_utils = transformers.image_utils
   return getattr(transformers, class_name)(
-      size={"shortest_edge": round(800 * scale), "longest_edge": round(1333 * scale)},
+      size={"shortest_edge": image_sizes.scaled(image_sizes.EVAL_SHORTER_SIDE, scale),
+            "longest_edge": image_sizes.scaled(image_sizes.MAX_SIDE, scale)},
       resample=image_utils.PILImageResampling.BILINEAR, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
       image_mean=list(image_utils.IMAGENET_DEFAULT_MEAN), image_std=list(image_utils.IMAGENET_DEFAULT_STD),
       do_pad=True)
