@@ -74,7 +74,7 @@ def main():
   if args.buckets:
     sizes = export.padded_sizes([predictor.padded_shape(predictor.preprocess(path)["size"]) for path in paths])
   else:
-    sizes = [(-(-image_sizes.scaled(image_sizes.EVAL_SHORTER_SIDE, args.scale) // 32) * 32,
+    sizes = [(image_sizes.round_up(image_sizes.scaled(image_sizes.EVAL_SHORTER_SIDE, args.scale), 32),
               export.default_size(args.scale))]
   serving_config = export.export_checkpoint(checkpoint, export_dir, buckets=sizes)
   families.of_model(model).save_hf_pretrained(model, variables, hf_dir, categories=categories, scale=args.scale)

@@ -123,7 +123,7 @@ def saved_model_module(model, variables, sizes: Sequence[tuple[int, int]], scale
 
 def default_size(scale: float) -> int:
   """The side of the square that holds any image's eval resize: round(1333 x scale), rounded up to 32."""
-  return -(-image_sizes.scaled(image_sizes.MAX_SIDE, scale) // 32) * 32
+  return image_sizes.round_up(image_sizes.scaled(image_sizes.MAX_SIDE, scale), 32)
 
 
 def padded_sizes(sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -160,6 +160,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, height: Optional[int] = Non
     raise FileExistsError(f"{out_dir} already holds an export; choose an empty directory.")
   if buckets and (height or width):
     raise ValueError("--buckets gives the padded sizes itself: leave out --height and --width.")
+  requested = padded_sizes(buckets) if buckets else None   # checked before the checkpoint is read
   predictor = inference.Predictor.from_checkpoint(checkpoint, dilation=dilation)
   model, family = predictor.model, predictor.family
   if families.has_masks(model):
@@ -168,7 +169,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, height: Optional[int] = Non
   if dtype:
     model = model.clone(dtype=dtype)
   scale = predictor.options.scale
-  sizes = padded_sizes(buckets or [(height or default_size(scale), width or default_size(scale))])
+  sizes = requested or padded_sizes([(height or default_size(scale), width or default_size(scale))])
   files = [BUCKET_EXPORT_FILE.format(height=h, width=w) if buckets else JAX_EXPORT_FILE for h, w in sizes]
   variables = predictor.variables
   exported = [export_jax(model, variables, h, w) for h, w in sizes]

@@ -21,7 +21,7 @@ import tensorflow as tf
 from PIL import Image
 
 from detr_jax import checkpoints, evaluation, families, pretrained, sharding
-from detr_jax.data import pipeline, transforms
+from detr_jax.data import image_sizes, pipeline, transforms
 from detr_jax.models import backbone, postprocess
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -134,7 +134,7 @@ class Predictor:
         raise ValueError(f"A processed image of {tuple(size)} does not fit data.fixed_size={self.options.fixed_size}.")
       return tuple(self.options.fixed_size)
     multiple = self.options.pad_multiple
-    return tuple(-(-int(side) // multiple) * multiple for side in size)
+    return tuple(image_sizes.round_up(side, multiple) for side in size)
 
   def preprocess(self, image: ImageInput, index: int = 0) -> dict:
     """One image as eval.py feeds it: "image" [h, w, 3] float32 normalised (unpadded), "size" [2] int32

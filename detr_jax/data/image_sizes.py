@@ -10,3 +10,8 @@ MAX_SIDE = 1333           # ... longer side at most 1333, in training and valida
 def scaled(pixels: int, scale: float) -> int:
   """`pixels` times the run's `data.scale`, rounded to the nearest integer (1.0 = the paper's sizes)."""
   return int(round(pixels * scale))
+
+
+def round_up(pixels: int, multiple: int) -> int:
+  """`pixels` rounded up to a multiple of `multiple` (a padded side)."""
+  return -(-int(pixels) // multiple) * multiple
