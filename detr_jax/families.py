@@ -38,6 +38,7 @@ class Family:
     loss_term_names: model -> the names of the logged terms of `criterion`.
     detections: (outputs, original sizes [B, 2]) -> (scores [B, N], labels [B, N], boxes [B, N, 4] xyxy pixels),
       the family's official post-processing for COCO box evaluation.
+    detection_queries: outputs -> [B, N] int32, the object query behind each of `detections`' N entries.
     to_pytorch_state_dict: variables -> the official state dict (numpy).
     save_hf_pretrained: (model, variables, directory, categories=None, scale=1.0) -> None: a transformers
       `from_pretrained` directory that `pipeline("object-detection")` runs, its id2label from `categories`
@@ -58,6 +59,7 @@ class Family:
   criterion: Callable[[Any, Optional[Mesh]], Callable]
   loss_term_names: Callable[[Any], list]
   detections: Callable
+  detection_queries: Callable
   to_pytorch_state_dict: Callable
   save_hf_pretrained: Callable
   fresh_modules: Callable[..., tuple]
@@ -90,6 +92,7 @@ DETR = Family(
     name="detr", model_type=detr.DETR, from_config=detr.from_config, model_config=detr.model_config,
     describe=detr.describe, init_variables=detr.init_variables, criterion=_detr_criterion,
     loss_term_names=_detr_loss_term_names, detections=postprocess.detections,
+    detection_queries=postprocess.detection_queries,
     to_pytorch_state_dict=porting.to_pytorch_state_dict, save_hf_pretrained=porting.save_hf_pretrained,
     fresh_modules=_detr_fresh_modules, score_threshold=0.7)
 
@@ -118,7 +121,8 @@ DEFORMABLE_DETR = Family(
     model_config=deformable_detr.model_config, describe=deformable_detr.describe,
     init_variables=deformable_detr.init_variables, criterion=_deformable_criterion,
     loss_term_names=_deformable_loss_term_names,
-    detections=postprocess.top_k_sigmoid_detections, to_pytorch_state_dict=deformable_official.to_pytorch_state_dict,
+    detections=postprocess.top_k_sigmoid_detections, detection_queries=postprocess.top_k_sigmoid_queries,
+    to_pytorch_state_dict=deformable_official.to_pytorch_state_dict,
     save_hf_pretrained=deformable_huggingface.save_hf_pretrained, fresh_modules=_deformable_fresh_modules,
     score_threshold=0.3)
 

@@ -57,6 +57,23 @@ def _source_name(image: ImageInput, index: int) -> str:
   return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"image {index}"
 
 
+def _splat(locations: np.ndarray, weights: np.ndarray, shape: tuple) -> np.ndarray:
+  """Deformable attention as a map: `weights` [...] at `locations` [..., 2] ((x, y) normalised to the padded
+  map, as `MSDeformAttn` samples them) added bilinearly into a [H, W] = `shape` grid (pixel centres at
+  half-integers, as grid_sample's align_corners=False); returns it flattened, [H * W] float32."""
+  height, width = shape
+  x = locations[..., 0].ravel() * width - 0.5
+  y = locations[..., 1].ravel() * height - 0.5
+  weights = weights.ravel()
+  grid = np.zeros(shape, np.float32)
+  for column in (np.floor(x), np.floor(x) + 1):
+    for row in (np.floor(y), np.floor(y) + 1):
+      share = weights * (1 - np.abs(x - column)) * (1 - np.abs(y - row))
+      inside = (column >= 0) & (column < width) & (row >= 0) & (row < height)
+      np.add.at(grid, (row[inside].astype(int), column[inside].astype(int)), share[inside])
+  return grid.ravel()
+
+
 class Predictor:
   """A detector, its variables on a mesh, its class names, a score threshold and eval.py's preprocessing.
 
@@ -84,10 +101,12 @@ class Predictor:
     self.threshold = self.family.score_threshold if threshold is None else threshold
     self.options = options or pipeline.PipelineOptions()
     self.names = {int(c["id"]): c["name"] for c in categories or ()}
+    self.thing_ids = {int(c["id"]) for c in categories or () if c.get("isthing", True)}
     self.masks = families.has_masks(model)
     self.variables = jax.device_put(variables, sharding.replicated(self.mesh))
     self._predict = evaluation.make_predict_fn(model, masks=self.masks)
     self._predict_with_attention = evaluation.make_predict_fn(model, masks=self.masks, intermediates=True)
+    self._predict_panoptic = evaluation.make_predict_fn(model, panoptic=True) if self.masks else None
     self._preprocess = tf.function(self._resize_and_normalize, reduce_retracing=True,
                                    input_signature=[tf.TensorSpec([None, None, 3], tf.float32)])
 
@@ -201,49 +220,87 @@ class Predictor:
   def attention(self, image: ImageInput, points: Optional[Sequence[tuple]] = None) -> dict:
     """The attention pictures of the official DETR notebook for one image, at the original size.
 
+    DETR's maps are its dense attention over the feature map (stride 32, 16 with DC5), heads averaged.
+    Deformable DETR attends to a few sampling points per head, level and point (Zhu et al. 2021, Fig. 6 of
+    the appendix draws them); its map is those points' attention weights, summed over heads, levels and
+    points, splatted bilinearly onto the finest feature level's grid (stride 8; single-scale: layer4's).
+    Either grid is then bilinearly upsampled to the image.
+
     Returns:
       {"detections": `predict`'s list for the image, each with "query" (its object query's index);
-       "decoder": [n, H, W] float32, per detection the last decoder layer's cross-attention of its query
-       over the feature map (heads averaged), bilinearly upsampled to the image;
+       "decoder": [n, H, W] float32, per detection the last decoder layer's cross-attention of its query;
        "points": the reference points [(x, y)] in pixels (default: the centres of up to 4 detections' boxes,
        else the image centre); "encoder": [len(points), H, W] float32, the last encoder layer's
-       self-attention of the feature position under each point.}
+       self-attention of the (finest-level) feature position under each point.}
     Raises:
-      ValueError: a family without dense attention (Deformable DETR samples a few points per query;
-      its pictures would need another form); see `predict` for the input errors.
+      see `predict` for the input errors.
     """
-    if self.family.name != families.DETR.name:
-      raise ValueError(f"Attention maps are DETR's (dense attention); {families.describe(self.model)} samples "
-                       "points instead.")
     example = self.preprocess(image)
     batch = self._batch([example], self.padded_shape(example["size"]))
     prediction = jax.tree.map(lambda x: np.asarray(x[0]), self._predict_with_attention(self.variables, batch))
     transformer = prediction["intermediates"]["transformer"]
     detections = self._detections(prediction, example)
-    for detection, query in zip(detections, self._kept(prediction)):   # DETR: one detection per query
+    for detection, query in zip(detections, prediction["queries"][self._kept(prediction)]):
       detection["query"] = int(query)
-    stride = 16 if self.model.dilation else 32
+    dense = self.family.name == families.DETR.name
+    if dense or self.model.num_feature_levels == 1:
+      stride = 16 if self.model.dilation else 32
+    else:
+      stride = 8
     feature_shape = tuple(-(-side // stride) for side in batch["image"].shape[1:3])
     valid = ~np.asarray(backbone.downsample_mask(~np.asarray(batch["pixel_mask"])[:1], feature_shape))[0]
     rows, cols = int(valid[:, 0].sum()), int(valid[0].sum())
     height, width = (int(v) for v in example["orig_size"])
 
+    last_encoder = transformer[f"encoder_layers_{self.model.num_encoder_layers - 1}"]["self_attn"]
+    last_decoder = transformer[f"decoder_layers_{self.model.num_decoder_layers - 1}"]
+    if dense:
+      encoder, decoder = last_encoder["attention_weights"][0], last_decoder["multihead_attn"]["attention_weights"][0]
+      feature_map = lambda attention, query: attention[query]   # [Q, S] -> [S]
+    else:
+      encoder, decoder = last_encoder, last_decoder["cross_attn"]
+      feature_map = lambda attention, query: _splat(attention["sampling_locations"][0][query],
+                                                    attention["sampling_weights"][0][query], feature_shape)
+
     def on_image(weights):   # [S] over the padded feature map -> [height, width] over the original image
       grid = weights.reshape(feature_shape)[:rows, :cols].astype(np.float32)
       return np.asarray(Image.fromarray(grid).resize((width, height), Image.BILINEAR))   # float32: mode "F"
 
-    decoder = transformer[f"decoder_layers_{self.model.num_decoder_layers - 1}"]["multihead_attn"]
-    encoder = transformer[f"encoder_layers_{self.model.num_encoder_layers - 1}"]["self_attn"]
-    decoder, encoder = decoder["attention_weights"][0], encoder["attention_weights"][0]   # [Q, S], [S, S]
     if points is None:
       points = [((d["box"][0] + d["box"][2]) / 2, (d["box"][1] + d["box"][3]) / 2) for d in detections[:4]]
       points = points or [(width / 2, height / 2)]
+    # The finest level comes first in Deformable DETR's flattened levels, so these index it there too.
     positions = [min(int(y * rows / height), rows - 1) * feature_shape[1] + min(int(x * cols / width), cols - 1)
                  for x, y in points]
     return {"detections": detections, "points": [tuple(map(float, p)) for p in points],
-            "decoder": np.stack([on_image(decoder[d["query"]]) for d in detections]) if detections
+            "decoder": np.stack([on_image(feature_map(decoder, d["query"])) for d in detections]) if detections
             else np.zeros((0, height, width), np.float32),
-            "encoder": np.stack([on_image(encoder[position]) for position in positions])}
+            "encoder": np.stack([on_image(feature_map(encoder, position)) for position in positions])}
+
+  def panoptic(self, image: ImageInput, threshold: float = 0.85) -> dict:
+    """One image's panoptic segmentation at the original size, as eval.py's PQ evaluation makes it (official
+    `PostProcessPanoptic`, `postprocess.panoptic`: queries whose best class scores above `threshold`, each
+    pixel to its highest mask logit, the masks of one stuff class merged). Categories whose "isthing" is
+    False are stuff; without categories every class is a thing.
+
+    Returns:
+      {"segmentation": [H, W] int32, each pixel's segment index; "segments": [{"id": that index,
+       "category_id", "label": category name, "isthing", "area": pixels}]}.
+    Raises:
+      ValueError: a model without a mask head; see `predict` for the input errors.
+    """
+    if self._predict_panoptic is None:
+      raise ValueError(f"{families.describe(self.model)} has no mask head; panoptic segments need a panoptic "
+                       "checkpoint (e.g. detr-r50-panoptic).")
+    example = self.preprocess(image)
+    batch = self._batch([example], self.padded_shape(example["size"]))
+    prediction = jax.tree.map(lambda x: np.asarray(x[0]), self._predict_panoptic(self.variables, batch))
+    segmentation, segments = postprocess.panoptic(prediction["pred_logits"], prediction["pred_masks"],
+                                                  tuple(example["size"]), tuple(example["orig_size"]),
+                                                  self.thing_ids, threshold)
+    for segment in segments:
+      segment["label"] = self.names.get(segment["category_id"], str(segment["category_id"]))
+    return {"segmentation": segmentation, "segments": segments}
 
   def predict(self, images: Iterable[ImageInput]) -> list[list[dict]]:
     """Detections of each image, in input order, best first.

@@ -9,8 +9,11 @@ Hugging Face `.pth` / `.safetensors` file, a transformers `save_pretrained` dire
 official name (`detr-r50`, ...: downloaded once, checked against its hash). A folder contributes its
 JPEG / PNG / BMP / GIF files, sorted. OUT gets detections.json (COCO results, one per detection:
 image_id, file_name, category_id, category_name, bbox [x, y, w, h] in pixels, score) and one
-annotated JPEG per image; with --attention (DETR), the official notebook's attention pictures in
-OUT/attention/. The images/s at the end include reading and preprocessing.
+annotated JPEG per image; with --attention, the official DETR notebook's attention pictures in
+OUT/attention/ (Deformable DETR: its weighted sampling points, `inference.Predictor.attention`); with
+--panoptic (a panoptic checkpoint), each image's panoptic segments as a picture in OUT/panoptic/ and
+their list in OUT/panoptic.json.
+The images/s at the end include reading and preprocessing.
 
 A missing file, an unreadable image, a bad checkpoint or a missing package ends the command with
 one line on stderr and exit status 1.
@@ -77,11 +80,13 @@ def _write_attention_pictures(predictor, path: str, image, directory: str, pictu
 
 
 def predict_images(checkpoint: str, inputs: Sequence[str], output_dir: str, threshold: Optional[float] = None,
-                   batch_size: Optional[int] = None, dilation: bool = False, attention: bool = False) -> list[dict]:
+                   batch_size: Optional[int] = None, dilation: bool = False, attention: bool = False,
+                   panoptic: bool = False) -> list[dict]:
   """Runs the checkpoint on the images of `inputs`, writes OUT/detections.json and the pictures, prints a summary.
 
-  With `attention` (DETR), also OUT/attention/<stem>_decoder.jpg and <stem>_encoder.jpg per image
-  (`visualize.attention_pictures`).
+  With `attention`, also OUT/attention/<stem>_decoder.jpg and <stem>_encoder.jpg per image
+  (`visualize.attention_pictures`). With `panoptic`, also OUT/panoptic/<stem>.png (`visualize.draw_panoptic`)
+  and OUT/panoptic.json: [{"file_name", "segments_info": [{"id", "category_id", "label", "isthing", "area"}]}].
 
   Returns:
     the COCO results written to detections.json.
@@ -93,7 +98,10 @@ def predict_images(checkpoint: str, inputs: Sequence[str], output_dir: str, thre
     paths = image_files(inputs)
     predictor = _checkpoint(checkpoint, dilation, threshold=threshold, batch_size=batch_size)
     os.makedirs(output_dir, exist_ok=True)
-    results = []
+    if panoptic and not predictor.masks:
+      raise ValueError(f"--panoptic needs a panoptic checkpoint (a mask head, e.g. detr-r50-panoptic); {checkpoint} "
+                       "has none.")
+    results, segments = [], []
     start = time.perf_counter()
     bar = tqdm.tqdm(total=len(paths), desc="Predicting", unit="image")
     for index, (path, picture_name, detections) in enumerate(zip(paths, _picture_names(paths),
@@ -108,11 +116,20 @@ def predict_images(checkpoint: str, inputs: Sequence[str], output_dir: str, thre
         visualize.draw_detections(image, detections).save(os.path.join(output_dir, picture_name), quality=90)
         if attention:
           _write_attention_pictures(predictor, path, image, os.path.join(output_dir, "attention"), picture_name)
+        if panoptic:
+          segmented = predictor.panoptic(path)
+          os.makedirs(os.path.join(output_dir, "panoptic"), exist_ok=True)
+          visualize.draw_panoptic(image, segmented).save(
+              os.path.join(output_dir, "panoptic", os.path.splitext(picture_name)[0] + ".png"))
+          segments.append({"file_name": path, "segments_info": segmented["segments"]})
       bar.update(1)
     bar.close()
     seconds = time.perf_counter() - start
   with open(os.path.join(output_dir, "detections.json"), "w") as f:
     json.dump(results, f)
+  if panoptic:
+    with open(os.path.join(output_dir, "panoptic.json"), "w") as f:
+      json.dump(segments, f)
   print(f"{len(paths)} images in {seconds:.1f} s ({len(paths) / seconds:.2f} images/s), {len(results)} detections "
         f"with score >= {predictor.threshold}: {os.path.join(output_dir, 'detections.json')}; pictures in {output_dir}")
   return results
@@ -129,14 +146,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--batch_size", type=int, default=None, help="images per step (default one per device)")
   parser.add_argument("--dilation", action="store_true", help="a .pth checkpoint is DC5")
   parser.add_argument("--attention", action="store_true",
-                      help="also write the decoder and encoder attention pictures (DETR) to OUT/attention/")
+                      help="also write the decoder and encoder attention pictures to OUT/attention/")
+  parser.add_argument("--panoptic", action="store_true",
+                      help="also write panoptic segments (a panoptic checkpoint) to OUT/panoptic/ and OUT/panoptic.json")
   args = parser.parse_args(argv)
   if system.jax_backend_will_be_cpu():
     system.retain_freed_host_memory()
   system.import_tensorflow_quietly()
   system.quiet_library_logs()
   predict_images(args.checkpoint, args.inputs, args.output_dir, args.threshold, args.batch_size, args.dilation,
-                 args.attention)
+                 args.attention, args.panoptic)
   return 0
 
 

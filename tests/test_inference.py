@@ -180,3 +180,62 @@ def test_mask_model_detections_carry_original_size_masks(coco_mini):
   tint = np.asarray(visualize.category_colour(detections[0]["category_id"]), np.float32)
   np.testing.assert_allclose(overlaid[mask], np.round(0.5 * plain[mask] + 0.5 * tint), atol=1)
   np.testing.assert_array_equal(overlaid[~mask], plain[~mask])
+
+
+def test_panoptic_segments_and_picture(coco_mini, checkpoints, tmp_path, capsys):
+  """`Predictor.panoptic` is `postprocess.panoptic` (the official PostProcessPanoptic, tested in
+  test_panoptic.py) on the model's outputs for the image padded by hand; the picture tints each segment;
+  `detr-predict --panoptic` writes both, and refuses a model without a mask head in one line."""
+  from detr_jax import visualize
+  from detr_jax.models import postprocess
+  config = tiny_config(coco_mini)
+  config.model.masks = True
+  model = families.build_model(config.model)
+  variables = families.of_model(model).init_variables(model, jax.random.PRNGKey(2))
+  categories = [{"id": i, "name": f"class {i}", "isthing": i % 2 == 0} for i in range(config.model.num_classes)]
+  predictor = inference.Predictor(model, variables, categories=categories, options=OPTIONS)
+  path = coco_mini / "val2017" / "000000000802.jpg"   # 640 x 424
+  result = predictor.panoptic(str(path), threshold=0.0)
+
+  example = predictor.preprocess(str(path))
+  height, width = predictor.padded_shape(example["size"])
+  image = np.zeros((1, height, width, 3), np.float32)
+  image[0, :example["image"].shape[0], :example["image"].shape[1]] = example["image"]
+  pixel_mask = np.zeros((1, height, width), bool)
+  pixel_mask[0, :example["image"].shape[0], :example["image"].shape[1]] = True
+  outputs = jax.jit(model.apply)(variables, image, pixel_mask)
+  thing_ids = {c["id"] for c in categories if c["isthing"]}
+  expected_ids, expected_segments = postprocess.panoptic(np.asarray(outputs["pred_logits"][0]),
+                                                         np.asarray(outputs["pred_masks"][0]), tuple(example["size"]),
+                                                         (640, 424), thing_ids, 0.0)
+  np.testing.assert_array_equal(result["segmentation"], expected_ids)
+  assert [{k: v for k, v in s.items() if k != "label"} for s in result["segments"]] == expected_segments
+  assert len(result["segments"]) >= 2 and {s["isthing"] for s in result["segments"]} == {True, False}
+  assert all(s["label"] == f"class {s['category_id']}" for s in result["segments"])
+  assert sum(s["area"] for s in result["segments"]) == 640 * 424
+
+  with Image.open(path) as picture:
+    plain = np.asarray(picture.convert("RGB"), np.float32)
+    drawn = np.asarray(visualize.draw_panoptic(picture, result), np.float32)
+  stuff = next(s for s in result["segments"] if not s["isthing"])
+  inside = result["segmentation"] == stuff["id"]
+  inside[1:] &= inside[:-1]
+  inside[:, 1:] &= inside[:, :-1]   # away from the white boundary lines
+  colour = np.asarray(visualize.category_colour(stuff["category_id"]), np.float32)
+  differs = np.abs(drawn[inside] - np.round(0.4 * plain[inside] + 0.6 * colour)).max(axis=-1) > 1
+  assert differs.mean() < 0.05   # only the label's text differs
+
+  directory, _, _ = checkpoints("detr")
+  mask_checkpoint = tmp_path / "panoptic"
+  families.save_model_dir(str(mask_checkpoint), model, variables, categories)
+  out = tmp_path / "out"
+  assert predict_cli.main(["--checkpoint", str(mask_checkpoint), str(path), "--output_dir", str(out),
+                           "--panoptic"]) == 0
+  assert (out / "panoptic" / "000000000802.png").is_file()
+  (listed,) = json.loads((out / "panoptic.json").read_text())
+  assert listed["file_name"] == str(path)
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    predict_cli.main(["--checkpoint", directory, str(path), "--output_dir", str(tmp_path / "no"), "--panoptic"])
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().err.strip().startswith("error: --panoptic needs a panoptic checkpoint")

@@ -47,20 +47,22 @@ def make_predict_fn(model: nn.Module, masks: bool = False, panoptic: bool = Fals
   xyxy in original-image pixels (the family's official post-processing). With `masks`, also "masks" [B, Q, H, W]
   bool (`postprocess.instance_masks`; H, W the padded input size). With `panoptic`, also the raw
   "pred_logits" [B, Q, K + 1] and "pred_masks" [B, Q, H/4, W/4] for `postprocess.panoptic`. With
-  `intermediates`, also "intermediates": what the model sows (DETR's attention maps, `transformer.MultiheadAttention`).
+  `intermediates`, also "intermediates": what the model sows (attention maps, `transformer.MultiheadAttention`;
+  sampling locations and weights, `deformable_attention.MSDeformAttn`), and "queries" [B, Q] int32, the object
+  query of each detection.
   The variables are replicated, so XLA runs each device's images where they are.
   """
-  detections = families.of_model(model).detections
+  family = families.of_model(model)
 
   def predict(variables, batch):
     if intermediates:
       outputs, sown = model.apply(variables, batch["image"], batch["pixel_mask"], mutable=["intermediates"])
     else:
       outputs = model.apply(variables, batch["image"], batch["pixel_mask"])
-    scores, labels, boxes = detections(outputs, batch["orig_size"])
+    scores, labels, boxes = family.detections(outputs, batch["orig_size"])
     predictions = {"scores": scores, "labels": labels, "boxes": boxes}
     if intermediates:
-      predictions["intermediates"] = sown["intermediates"]
+      predictions.update(intermediates=sown["intermediates"], queries=family.detection_queries(outputs))
     if masks:
       predictions["masks"] = postprocess.instance_masks(outputs["pred_masks"], batch["size"], batch["image"].shape[1:3])
     if panoptic:

@@ -111,7 +111,9 @@ class MSDeformAttn(nn.Module):
     spatial_shapes: the L static (H_l, W_l).
     padding_mask: [B, S] bool, True on padded positions (their values are zeroed).
   Returns:
-    [B, Q, d] in the compute dtype.
+    [B, Q, d] in the compute dtype. With the "intermediates" collection mutable, also sows
+    "sampling_locations" [B, Q, M, L, P, 2] float32 ((x, y) normalised to each level's padded map) and
+    "sampling_weights" [B, Q, M, L, P] float32, their attention weights (each head's sum to 1).
   Raises:
     ValueError: d_model not divisible by the heads, or reference points neither 2-d nor 4-d.
   """
@@ -150,6 +152,9 @@ class MSDeformAttn(nn.Module):
       locations = reference[..., :2] + offsets / points * reference[..., 2:] * 0.5
     else:
       raise ValueError(f"reference_points must end in 2 or 4 coordinates, got shape {reference_points.shape}.")
+    # Kept only when "intermediates" is mutable (attention pictures, `inference.Predictor.attention`).
+    self.sow("intermediates", "sampling_locations", locations)
+    self.sow("intermediates", "sampling_weights", weights)
     out = deformable_sampling(value, spatial_shapes, locations, weights)
     return nn.Dense(d_model, dtype=self.dtype, kernel_init=initializers.xavier_uniform,
                     bias_init=nn.initializers.zeros, name="output_proj")(out)

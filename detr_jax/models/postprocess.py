@@ -32,6 +32,17 @@ def detections(outputs, original_sizes):
   return scores, labels, box_ops.cxcywh_to_xyxy(outputs["pred_boxes"]) * scale
 
 
+def detection_queries(outputs):
+  """The object query of each of `detections`' entries: [B, Q] int32, 0..Q-1 (one detection per query)."""
+  logits = outputs["pred_logits"]
+  return jnp.broadcast_to(jnp.arange(logits.shape[1], dtype=jnp.int32), logits.shape[:2])
+
+
+def _top_k_pairs(logits, num_detections: int):
+  flat_scores = jax.nn.sigmoid(logits.reshape(logits.shape[0], -1))
+  return deformable_transformer.top_k(flat_scores, min(num_detections, flat_scores.shape[-1]))
+
+
 def top_k_sigmoid_detections(outputs, original_sizes, num_detections: int = 100):
   """Deformable DETR's post-processing (official `PostProcess`, models/deformable_detr.py): the
   `num_detections` best (query, class) pairs by sigmoid probability; a query may appear once per class.
@@ -46,15 +57,19 @@ def top_k_sigmoid_detections(outputs, original_sizes, num_detections: int = 100)
     scores [B, N] float32 in descending order, labels [B, N] int32 (class index = COCO category
     id), boxes [B, N, 4] float32 xyxy in original-image pixels, N = min(num_detections, Q * K).
   """
-  logits = outputs["pred_logits"]
-  num_classes = logits.shape[-1]
-  flat_scores = jax.nn.sigmoid(logits.reshape(logits.shape[0], -1))
-  scores, flat_index = deformable_transformer.top_k(flat_scores, min(num_detections, flat_scores.shape[-1]))
+  num_classes = outputs["pred_logits"].shape[-1]
+  scores, flat_index = _top_k_pairs(outputs["pred_logits"], num_detections)
   queries = flat_index // num_classes
   boxes = jnp.take_along_axis(box_ops.cxcywh_to_xyxy(outputs["pred_boxes"]), queries[..., None], axis=1)
   height, width = original_sizes[:, 0], original_sizes[:, 1]
   scale = jnp.stack([width, height, width, height], axis=-1).astype(jnp.float32)[:, None, :]
   return scores, (flat_index % num_classes).astype(jnp.int32), boxes * scale
+
+
+def top_k_sigmoid_queries(outputs, num_detections: int = 100):
+  """The object query of each of `top_k_sigmoid_detections`' pairs, in its order: [B, N] int32."""
+  _, flat_index = _top_k_pairs(outputs["pred_logits"], num_detections)
+  return (flat_index // outputs["pred_logits"].shape[-1]).astype(jnp.int32)
 
 
 def instance_masks(pred_masks, processed_sizes, padded_size):
