@@ -188,7 +188,8 @@ class Predictor:
                   for score, label, box in zip(prediction["scores"][keep], prediction["labels"][keep],
                                                prediction["boxes"][keep])]
     if self.masks:
-      masks = postprocess.original_instance_masks(prediction["masks"][keep], example["size"], example["orig_size"])
+      masks = postprocess.original_instance_masks(np.asarray(prediction["masks"][keep]), example["size"],
+                                                  example["orig_size"])
       for detection, mask in zip(detections, masks):
         detection["mask"] = mask
     return detections
@@ -211,8 +212,9 @@ class Predictor:
       for shape, positions in buckets.items():
         for start in range(0, len(positions), self.batch_size):
           members = positions[start:start + self.batch_size]
-          outputs = jax.tree.map(np.asarray, self._predict(self.variables, self._batch([examples[p] for p in members],
-                                                                                       shape)))
+          outputs = self._predict(self.variables, self._batch([examples[p] for p in members], shape))
+          # A mask model's [B, Q, H, W] masks stay on the device until the threshold has picked the kept ones.
+          outputs = {k: v if k == "masks" else np.asarray(v) for k, v in outputs.items()}
           for slot, position in enumerate(members):
             results[position] = self._detections({k: v[slot] for k, v in outputs.items()}, examples[position])
       yield from results
