@@ -101,7 +101,7 @@ class Predictor:
     self.threshold = self.family.score_threshold if threshold is None else threshold
     self.options = options or pipeline.PipelineOptions()
     self.names = {int(c["id"]): c["name"] for c in categories or ()}
-    self.thing_ids = {int(c["id"]) for c in categories or () if c.get("isthing", True)}
+    self.thing_ids = {int(c["id"]) for c in categories if c.get("isthing", True)} if categories else None
     self.masks = families.has_masks(model)
     self.variables = jax.device_put(variables, sharding.replicated(self.mesh))
     self._predict = evaluation.make_predict_fn(model, masks=self.masks)
@@ -297,9 +297,10 @@ class Predictor:
     example = self.preprocess(image)
     batch = self._batch([example], self.padded_shape(example["size"]))
     prediction = jax.tree.map(lambda x: np.asarray(x[0]), self._predict_panoptic(self.variables, batch))
+    thing_ids = self.thing_ids if self.thing_ids is not None else set(range(prediction["pred_logits"].shape[-1]))
     segmentation, segments = postprocess.panoptic(prediction["pred_logits"], prediction["pred_masks"],
                                                   tuple(example["size"]), tuple(example["orig_size"]),
-                                                  self.thing_ids, threshold)
+                                                  thing_ids, threshold)
     for segment in segments:
       segment["label"] = self.names.get(segment["category_id"], str(segment["category_id"]))
     return {"segmentation": segmentation, "segments": segments}

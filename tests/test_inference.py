@@ -213,6 +213,9 @@ def test_panoptic_segments_and_picture(coco_mini, checkpoints, tmp_path, capsys)
   assert len(result["segments"]) >= 2 and {s["isthing"] for s in result["segments"]} == {True, False}
   assert all(s["label"] == f"class {s['category_id']}" for s in result["segments"])
   assert sum(s["area"] for s in result["segments"]) == 640 * 424
+  # Without categories every class is a thing.
+  unnamed = inference.Predictor(model, variables, options=OPTIONS).panoptic(str(path), threshold=0.0)["segments"]
+  assert unnamed and all(s["isthing"] and s["label"] == str(s["category_id"]) for s in unnamed)
 
   with Image.open(path) as picture:
     plain = np.asarray(picture.convert("RGB"), np.float32)
