@@ -219,6 +219,13 @@ class Predictor:
             results[position] = self._detections({k: v[slot] for k, v in outputs.items()}, examples[position])
       yield from results
 
+  def _predict_alone(self, predict_fn, image: ImageInput):
+    """`image` through `predict_fn` in a batch of its own, padded as eval.py pads it alone: (its
+    `preprocess` example, the batch, the image's predictions as numpy)."""
+    example = self.preprocess(image)
+    batch = self._batch([example], self.padded_shape(example["size"]))
+    return example, batch, jax.tree.map(lambda x: np.asarray(x[0]), predict_fn(self.variables, batch))
+
   def attention(self, image: ImageInput, points: Optional[Sequence[tuple]] = None) -> dict:
     """The attention pictures of the official DETR notebook for one image, at the original size.
 
@@ -237,9 +244,7 @@ class Predictor:
     Raises:
       see `predict` for the input errors.
     """
-    example = self.preprocess(image)
-    batch = self._batch([example], self.padded_shape(example["size"]))
-    prediction = jax.tree.map(lambda x: np.asarray(x[0]), self._predict_with_attention(self.variables, batch))
+    example, batch, prediction = self._predict_alone(self._predict_with_attention, image)
     transformer = prediction["intermediates"]["transformer"]
     detections = self._detections(prediction, example)
     for detection, query in zip(detections, prediction["queries"][self._kept(prediction)]):
@@ -294,9 +299,7 @@ class Predictor:
     if self._predict_panoptic is None:
       raise ValueError(f"{families.describe(self.model)} has no mask head; panoptic segments need a panoptic "
                        "checkpoint (e.g. detr-r50-panoptic).")
-    example = self.preprocess(image)
-    batch = self._batch([example], self.padded_shape(example["size"]))
-    prediction = jax.tree.map(lambda x: np.asarray(x[0]), self._predict_panoptic(self.variables, batch))
+    example, _, prediction = self._predict_alone(self._predict_panoptic, image)
     thing_ids = self.thing_ids if self.thing_ids is not None else set(range(prediction["pred_logits"].shape[-1]))
     segmentation, segments = postprocess.panoptic(prediction["pred_logits"], prediction["pred_masks"],
                                                   tuple(example["size"]), tuple(example["orig_size"]),

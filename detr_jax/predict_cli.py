@@ -97,10 +97,10 @@ def predict_images(checkpoint: str, inputs: Sequence[str], output_dir: str, thre
   with entry.user_errors("--batch_size"):
     paths = image_files(inputs)
     predictor = _checkpoint(checkpoint, dilation, threshold=threshold, batch_size=batch_size)
-    os.makedirs(output_dir, exist_ok=True)
-    if panoptic and not predictor.masks:
+    if panoptic and not predictor.masks:   # before anything is written
       raise ValueError(f"--panoptic needs a panoptic checkpoint (a mask head, e.g. detr-r50-panoptic); {checkpoint} "
                        "has none.")
+    os.makedirs(output_dir, exist_ok=True)
     results, segments = [], []
     start = time.perf_counter()
     bar = tqdm.tqdm(total=len(paths), desc="Predicting", unit="image")

@@ -65,6 +65,7 @@ def draw_panoptic(image: Image.Image, panoptic: dict, opacity: float = 0.6) -> I
   segments and each segment's label at its centre of mass."""
   segmentation = panoptic["segmentation"]
   pixels = np.asarray(image.convert("RGB"), np.float32)
+  labels = []   # (centre of mass (x, y), label)
   for segment in panoptic["segments"]:
     mask = segmentation == segment["id"]
     if not mask.any():
@@ -73,17 +74,16 @@ def draw_panoptic(image: Image.Image, panoptic: dict, opacity: float = 0.6) -> I
     if segment["isthing"]:
       colour = colour * (0.55 + 0.45 * ((segment["id"] * 0.618034) % 1.0))
     pixels[mask] = (1 - opacity) * pixels[mask] + opacity * colour
+    rows, columns = np.nonzero(mask)
+    labels.append(((float(columns.mean()), float(rows.mean())), segment["label"]))
   edges = np.zeros(segmentation.shape, bool)
   edges[:, 1:] |= segmentation[:, 1:] != segmentation[:, :-1]
   edges[1:] |= segmentation[1:] != segmentation[:-1]
   pixels[edges] = 255
   picture = Image.fromarray(np.round(pixels).astype(np.uint8))
   draw = ImageDraw.Draw(picture)
-  for segment in panoptic["segments"]:
-    rows, columns = np.nonzero(segmentation == segment["id"])
-    if len(rows):
-      draw.text((float(columns.mean()), float(rows.mean())), segment["label"], fill=(255, 255, 255),
-                anchor="mm", stroke_width=1, stroke_fill=(0, 0, 0))
+  for centre, label in labels:
+    draw.text(centre, label, fill=(255, 255, 255), anchor="mm", stroke_width=1, stroke_fill=(0, 0, 0))
   return picture
 
 

@@ -242,3 +242,4 @@ def test_panoptic_segments_and_picture(coco_mini, checkpoints, tmp_path, capsys)
     predict_cli.main(["--checkpoint", directory, str(path), "--output_dir", str(tmp_path / "no"), "--panoptic"])
   assert exit_info.value.code == 1
   assert capsys.readouterr().err.strip().startswith("error: --panoptic needs a panoptic checkpoint")
+  assert not (tmp_path / "no").exists()
