@@ -1,9 +1,12 @@
 """The pure-JAX deformable sampling against PyTorch's grid_sample path (official
 `ms_deform_attn_core_pytorch`), forward and gradients, on locations inside, on and outside the borders.
 
-Tolerances (float32, CPU): outputs 1e-5, gradients 1e-4 (as the issue states). Measured 2026-11-22:
-outputs 4.8e-7, gradients 1.9e-6 (value), 3.8e-6 (locations), 9.5e-7 (weights). align_corners=True
-moves outputs by ~0.3, a missing -0.5 pixel shift by ~0.2.
+Tolerances (float32, CPU): outputs 1e-5, gradients 1e-4 (as the issue states). Measured 2026-12-04,
+with the hand-written gradient: outputs 4.8e-7, gradients 1.3e-6 (value), 6.6e-5 of 132 (locations;
+JAX's own gradient of the forward, the version before, is as far), 5.0e-6 (weights). align_corners=True
+moves outputs by ~0.3, a missing -0.5 pixel shift by ~0.2. The gradient test fails when the
+backward's 2x2 neighbourhoods are offset by one pixel, their corners reordered, or a level's
+scatter-adds not accumulated.
 """
 
 import jax
@@ -63,6 +66,12 @@ def test_points_outside_every_map_read_zero():
   locations = np.full_like(locations, -0.6)
   out = deformable_attention.deformable_sampling(value, SHAPES, locations, weights)
   np.testing.assert_array_equal(out, 0.0)
+  # The backward clips these locations' neighbourhoods onto the border rows; their weights stay 0.
+  cotangent = np.ones(out.shape, np.float32)
+  grads = jax.grad(lambda v, l, w: jnp.sum(deformable_attention.deformable_sampling(v, SHAPES, l, w) * cotangent),
+                   argnums=(0, 1, 2))(value, locations, weights)
+  for grad in grads:
+    np.testing.assert_array_equal(grad, 0.0)
 
 
 def test_wrong_number_of_positions_is_named():

@@ -7,6 +7,7 @@ zero padding, as `F.grid_sample(align_corners=False, padding_mode="zeros")` and 
 CUDA kernel read them. No custom kernel: the corners are gathered from the flattened levels.
 """
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -29,7 +30,10 @@ def deformable_sampling(value: jnp.ndarray, spatial_shapes: Sequence[tuple[int, 
 
   Each of the L * P * 4 (level, point, corner) reads is one gather of [B, Q, M] rows of D
   channels, accumulated in place: on XLA:CPU that is ~3x faster than one gather of all of them
-  followed by a weighted sum (which materialises [B, Q, M, L*P*4, D]).
+  followed by a weighted sum (which materialises [B, Q, M, L*P*4, D]). The gradient is written by
+  hand (`_sampling_backward`): forward + backward 1.7-1.8x faster than with JAX's own gradient at
+  the training step's and the main job's maps (512x512 and 168x168), 15% slower at 800x1066
+  (`benchmarks/deformable_attention.py`, `docs/benchmarks.md`).
 
   Args:
     value: [B, S, M, D], the levels flattened row-major and concatenated, S = sum(H_l * W_l);
@@ -43,13 +47,21 @@ def deformable_sampling(value: jnp.ndarray, spatial_shapes: Sequence[tuple[int, 
   Raises:
     ValueError: S does not equal the sum of the spatial shapes' areas.
   """
-  batch, total, heads, channels = value.shape
+  total = value.shape[1]
   if total != sum(h * w for h, w in spatial_shapes):
     raise ValueError(f"value has {total} positions but spatial_shapes {list(spatial_shapes)} give "
                      f"{sum(h * w for h, w in spatial_shapes)}.")
-  queries, _, levels, points, _ = locations.shape[1:]
+  return _sampling(value, tuple(tuple(shape) for shape in spatial_shapes), locations, weights)
+
+
+_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+def _bilinear_coefficients(spatial_shapes, locations, weights):
+  """The weight of each corner (dy, dx) of `_CORNERS`, 4 x [B, Q, M, L, P] float32: bilinear weight
+  times attention weight, 0 where the corner lies outside the map; and each location's top-left
+  corner in pixels of its level, [B, Q, M, L, P, 2] int32 (x, y)."""
   sizes = np.array([(w, h) for h, w in spatial_shapes], np.float32)          # [L, 2] as (W, H)
-  starts = np.cumsum([0] + [h * w for h, w in spatial_shapes])[:-1, None]      # [L, 1]
   pixel = locations.astype(jnp.float32) * sizes[:, None, :] - 0.5              # [B, Q, M, L, P, 2]
   floor = jnp.floor(pixel)
   frac = pixel - floor
@@ -57,26 +69,101 @@ def deformable_sampling(value: jnp.ndarray, spatial_shapes: Sequence[tuple[int, 
   width = sizes[:, None, 0].astype(np.int32)                                   # [L, 1]
   height = sizes[:, None, 1].astype(np.int32)
   weights = weights.astype(jnp.float32)
-  # Row of value.reshape(B * S * M, D) that holds (image b, position s, head m); jnp, not np: the batch
-  # may be a symbolic dimension (jax.export).
-  head_rows = (jnp.arange(batch)[:, None, None, None, None] * total * heads
-               + np.arange(heads)[None, None, :, None, None])
+  coefficients = []
+  for dy, dx in _CORNERS:
+    x = floor[..., 0] + dx
+    y = floor[..., 1] + dy
+    inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+    bilinear = (frac[..., 0] if dx else 1 - frac[..., 0]) * (frac[..., 1] if dy else 1 - frac[..., 1])
+    coefficients.append(jnp.where(inside, bilinear * weights, 0.0))
+  return coefficients, floor
+
+
+def _row_of_head(batch, rows_per_image, heads):
+  """[B, 1, M, 1]: the row of (image b, head m) at position 0 of a [B, rows_per_image, M, ...]
+  table flattened to rows; jnp, not np: the batch may be a symbolic dimension (jax.export)."""
+  return (jnp.arange(batch)[:, None, None, None] * rows_per_image * heads
+          + np.arange(heads)[None, None, :, None])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _sampling(value, spatial_shapes, locations, weights):
+  """`deformable_sampling` once its arguments are checked; spatial_shapes a tuple of tuples."""
+  batch, total, heads, channels = value.shape
+  queries, _, levels, points, _ = locations.shape[1:]
+  coefficients, floor = _bilinear_coefficients(spatial_shapes, locations, weights)
+  height = np.array([h for h, _ in spatial_shapes], np.int32)[:, None]         # [L, 1]
+  width = np.array([w for _, w in spatial_shapes], np.int32)[:, None]
+  starts = np.cumsum([0] + [h * w for h, w in spatial_shapes])[:-1, None]      # [L, 1]
   rows = value.reshape(batch * total * heads, channels)
+  head_rows = _row_of_head(batch, total, heads)[..., None]
   out = jnp.zeros((batch, queries, heads, channels), jnp.float32)
-  for dy in (0, 1):
-    for dx in (0, 1):
-      x = floor[..., 0] + dx
-      y = floor[..., 1] + dy
-      inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
-      bilinear = (frac[..., 0] if dx else 1 - frac[..., 0]) * (frac[..., 1] if dy else 1 - frac[..., 1])
-      coefficient = jnp.where(inside, bilinear * weights, 0.0)                 # [B, Q, M, L, P]
-      position = jnp.clip(y, 0, height - 1) * width + jnp.clip(x, 0, width - 1) + starts
-      index = position * heads + head_rows
-      for level in range(levels):
-        for point in range(points):
-          read = rows[index[:, :, :, level, point]].astype(jnp.float32)      # [B, Q, M, D]
-          out = out + read * coefficient[:, :, :, level, point, None]
+  for corner, (dy, dx) in enumerate(_CORNERS):
+    x = jnp.clip(floor[..., 0] + dx, 0, width - 1)
+    y = jnp.clip(floor[..., 1] + dy, 0, height - 1)
+    index = (y * width + x + starts) * heads + head_rows                       # [B, Q, M, L, P]
+    for level in range(levels):
+      for point in range(points):
+        read = rows[index[:, :, :, level, point]].astype(jnp.float32)        # [B, Q, M, D]
+        out = out + read * coefficients[corner][:, :, :, level, point, None]
   return out.reshape(batch, queries, heads * channels).astype(value.dtype)
+
+
+def _sampling_forward(value, spatial_shapes, locations, weights):
+  return _sampling(value, spatial_shapes, locations, weights), (value, locations, weights)
+
+
+def _neighbourhood_tables(value, spatial_shapes):
+  """Per level, [B * (H + 1) * (W + 1) * M, 4 * D]: row (b, i, j, m) holds head m's pixels
+  (i - 1 + dy, j - 1 + dx) for the corners of `_CORNERS`, zeros outside the map, so that one row
+  serves every location whose top-left corner is (i - 1, j - 1), from -1 to H - 1 and W - 1."""
+  batch, _, heads, channels = value.shape
+  tables, start = [], 0
+  for h, w in spatial_shapes:
+    level_value = value[:, start:start + h * w].reshape(batch, h, w, heads, channels)
+    start += h * w
+    padded = jnp.pad(level_value.astype(jnp.float32), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+    neighbourhoods = jnp.stack([padded[:, dy:dy + h + 1, dx:dx + w + 1] for dy, dx in _CORNERS], -2)
+    tables.append(neighbourhoods.reshape(-1, 4 * channels))
+  return tables
+
+
+def _sampling_backward(spatial_shapes, residuals, cotangent):
+  """The gradient with one scatter-add of 4 * D wide rows per (level, point) into one buffer per
+  level, in place. JAX's own gradient of the forward's gathers is one scatter-add of D-wide rows
+  per (level, point, corner), each into its own zeroed copy of the whole value table, summed
+  afterwards; XLA:CPU's scatter-add costs per row, and the copies cost memory traffic. The reads
+  that the location and weight gradients need are gathered again, from the 4 * D wide rows, rather
+  than kept from the forward pass: as fast here, and no [B, Q, M, D] array per read stays alive."""
+  value, locations, weights = residuals
+  batch, _, heads, channels = value.shape
+  queries, points = locations.shape[1], locations.shape[4]
+  coefficients, coefficients_pullback, floor = jax.vjp(
+      lambda l, w: _bilinear_coefficients(spatial_shapes, l, w), locations, weights, has_aux=True)
+  coefficients = jnp.stack(coefficients, -1)                                     # [B, Q, M, L, P, 4]
+  tables, tables_pullback = jax.vjp(lambda v: _neighbourhood_tables(v, spatial_shapes), value)
+  grad = cotangent.astype(jnp.float32).reshape(batch, queries, heads, 1, channels)
+  table_grads, coefficient_grads = [], []
+  for level, ((h, w), table) in enumerate(zip(spatial_shapes, tables)):
+    # A top-left corner clipped here has all four corners outside the map: all four coefficients are 0.
+    x = jnp.clip(floor[:, :, :, level, :, 0] + 1, 0, w)
+    y = jnp.clip(floor[:, :, :, level, :, 1] + 1, 0, h)
+    index = (y * (w + 1) + x) * heads + _row_of_head(batch, (h + 1) * (w + 1), heads)  # [B, Q, M, P]
+    table_grad = jnp.zeros_like(table)
+    for point in range(points):
+      coefficient = coefficients[:, :, :, level, point, :, None]                  # [B, Q, M, 4, 1]
+      table_grad = table_grad.at[index[..., point]].add(
+          (coefficient * grad).reshape(batch, queries, heads, 4 * channels))
+      read = table[index[..., point]].reshape(batch, queries, heads, 4, channels)
+      coefficient_grads.append(jnp.sum(read * grad, -1))                          # [B, Q, M, 4]
+    table_grads.append(table_grad)
+  coefficient_grads = jnp.stack(coefficient_grads, 3).reshape(coefficients.shape)
+  location_grad, weight_grad = coefficients_pullback(list(jnp.moveaxis(coefficient_grads, -1, 0)))
+  (value_grad,) = tables_pullback(table_grads)
+  return value_grad.astype(value.dtype), location_grad, weight_grad
+
+
+_sampling.defvjp(_sampling_forward, _sampling_backward)
 
 
 def sampling_offsets_bias(num_heads: int, num_levels: int, num_points: int):
