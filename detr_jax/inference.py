@@ -153,7 +153,7 @@ class Predictor:
         raise ValueError(f"A processed image of {tuple(size)} does not fit data.fixed_size={self.options.fixed_size}.")
       return tuple(self.options.fixed_size)
     multiple = self.options.pad_multiple
-    return tuple(image_sizes.round_up(side, multiple) for side in size)
+    return tuple(image_sizes.round_up(int(side), multiple) for side in size)
 
   def preprocess(self, image: ImageInput, index: int = 0) -> dict:
     """One image as eval.py feeds it: "image" [h, w, 3] float32 normalised (unpadded), "size" [2] int32

@@ -12,6 +12,7 @@ def scaled(pixels: int, scale: float) -> int:
   return int(round(pixels * scale))
 
 
-def round_up(pixels: int, multiple: int) -> int:
-  """`pixels` rounded up to a multiple of `multiple` (a padded side)."""
-  return -(-int(pixels) // multiple) * multiple
+def round_up(pixels, multiple: int):
+  """`pixels` rounded up to a multiple of `multiple` (a padded side); an int, or an integer array or
+  tf.Tensor of sides (the input pipeline pads its batches with it), of the same type."""
+  return -(-pixels // multiple) * multiple

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from detr_jax import extras, system
-from detr_jax.data import coco, coco_categories, coco_panoptic, transforms
+from detr_jax.data import coco, coco_categories, coco_panoptic, image_sizes, transforms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,9 +176,8 @@ def _pad_batch(batch, options: PipelineOptions):
     tf.debugging.assert_less_equal(tf.stack([height, width]), tf.constant([target_h, target_w]),
                                    message="an image is larger than data.fixed_size")
   else:
-    multiple = options.pad_multiple
-    target_h = (height + multiple - 1) // multiple * multiple
-    target_w = (width + multiple - 1) // multiple * multiple
+    target_h = image_sizes.round_up(height, options.pad_multiple)
+    target_w = image_sizes.round_up(width, options.pad_multiple)
   extra = [[0, 0], [0, target_h - height], [0, target_w - width]]
   padded = {**batch, "image": tf.pad(batch["image"], extra + [[0, 0]]), "pixel_mask": tf.pad(batch["pixel_mask"], extra)}
   if "segment_masks" in batch:
