@@ -105,8 +105,8 @@ class Predictor:
     self.masks = families.has_masks(model)
     self.variables = jax.device_put(variables, sharding.replicated(self.mesh))
     self._predict = evaluation.make_predict_fn(model, masks=self.masks)
-    self._predict_with_attention = evaluation.make_predict_fn(model, masks=self.masks, intermediates=True)
-    self._predict_panoptic = evaluation.make_predict_fn(model, panoptic=True) if self.masks else None
+    self._predict_inspected = evaluation.make_predict_fn(model, masks=self.masks, panoptic=self.masks,
+                                                         intermediates=True)
     self._preprocess = tf.function(self._resize_and_normalize, reduce_retracing=True,
                                    input_signature=[tf.TensorSpec([None, None, 3], tf.float32)])
 
@@ -219,36 +219,36 @@ class Predictor:
             results[position] = self._detections({k: v[slot] for k, v in outputs.items()}, examples[position])
       yield from results
 
-  def _predict_alone(self, predict_fn, image: ImageInput):
-    """`image` through `predict_fn` in a batch of its own, padded as eval.py pads it alone: (its
-    `preprocess` example, the batch, the image's predictions as numpy)."""
-    example = self.preprocess(image)
-    batch = self._batch([example], self.padded_shape(example["size"]))
-    return example, batch, jax.tree.map(lambda x: np.asarray(x[0]), predict_fn(self.variables, batch))
-
-  def attention(self, image: ImageInput, points: Optional[Sequence[tuple]] = None) -> dict:
-    """The attention pictures of the official DETR notebook for one image, at the original size.
-
-    DETR's maps are its dense attention over the feature map (stride 32, 16 with DC5), heads averaged.
-    Deformable DETR attends to a few sampling points per head, level and point (Zhu et al. 2021, Fig. 6 of
-    the appendix draws them); its map is those points' attention weights, summed over heads, levels and
-    points, splatted bilinearly onto the finest feature level's grid (stride 8; single-scale: layer4's).
-    Either grid is then bilinearly upsampled to the image.
+  def inspect(self, image: ImageInput, attention: bool = True, panoptic: bool = False,
+              points: Optional[Sequence[tuple]] = None, panoptic_threshold: float = 0.85) -> dict:
+    """One image through the model once, in a batch of its own padded as eval.py pads it alone: its
+    detections, with `attention` the pictures' maps of `attention`, with `panoptic` the segments of `panoptic`.
 
     Returns:
-      {"detections": `predict`'s list for the image, each with "query" (its object query's index);
-       "decoder": [n, H, W] float32, per detection the last decoder layer's cross-attention of its query;
-       "points": the reference points [(x, y)] in pixels (default: the centres of up to 4 detections' boxes,
-       else the image centre); "encoder": [len(points), H, W] float32, the last encoder layer's
-       self-attention of the (finest-level) feature position under each point.}
+      {"detections": `predict`'s list for the image, each with "query" (its object query's index)};
+      with `attention` also "decoder", "points" and "encoder" (see `attention`); with `panoptic` also
+      "panoptic" (see `panoptic`).
     Raises:
-      see `predict` for the input errors.
+      ValueError: `panoptic` for a model without a mask head; see `predict` for the input errors.
     """
-    example, batch, prediction = self._predict_alone(self._predict_with_attention, image)
-    transformer = prediction["intermediates"]["transformer"]
+    if panoptic and not self.masks:
+      raise ValueError(f"{families.describe(self.model)} has no mask head; panoptic segments need a panoptic "
+                       "checkpoint (e.g. detr-r50-panoptic).")
+    example = self.preprocess(image)
+    batch = self._batch([example], self.padded_shape(example["size"]))
+    prediction = jax.tree.map(lambda x: np.asarray(x[0]), self._predict_inspected(self.variables, batch))
     detections = self._detections(prediction, example)
     for detection, query in zip(detections, prediction["queries"][self._kept(prediction)]):
       detection["query"] = int(query)
+    result = {"detections": detections}
+    if attention:
+      result.update(self._attention_maps(prediction, example, batch, detections, points))
+    if panoptic:
+      result["panoptic"] = self._panoptic_segments(prediction, example, panoptic_threshold)
+    return result
+
+  def _attention_maps(self, prediction: dict, example: dict, batch: dict, detections: list[dict], points) -> dict:
+    transformer = prediction["intermediates"]["transformer"]
     dense = self.family.name == families.DETR.name
     if dense or self.model.num_feature_levels == 1:
       stride = 16 if self.model.dilation else 32
@@ -279,10 +279,39 @@ class Predictor:
     # The finest level comes first in Deformable DETR's flattened levels, so these index it there too.
     positions = [min(int(y * rows / height), rows - 1) * feature_shape[1] + min(int(x * cols / width), cols - 1)
                  for x, y in points]
-    return {"detections": detections, "points": [tuple(map(float, p)) for p in points],
+    return {"points": [tuple(map(float, p)) for p in points],
             "decoder": np.stack([on_image(feature_map(decoder, d["query"])) for d in detections]) if detections
             else np.zeros((0, height, width), np.float32),
             "encoder": np.stack([on_image(feature_map(encoder, position)) for position in positions])}
+
+  def _panoptic_segments(self, prediction: dict, example: dict, threshold: float) -> dict:
+    thing_ids = self.thing_ids if self.thing_ids is not None else set(range(prediction["pred_logits"].shape[-1]))
+    segmentation, segments = postprocess.panoptic(prediction["pred_logits"], prediction["pred_masks"],
+                                                  tuple(example["size"]), tuple(example["orig_size"]),
+                                                  thing_ids, threshold)
+    for segment in segments:
+      segment["label"] = self.names.get(segment["category_id"], str(segment["category_id"]))
+    return {"segmentation": segmentation, "segments": segments}
+
+  def attention(self, image: ImageInput, points: Optional[Sequence[tuple]] = None) -> dict:
+    """The attention pictures of the official DETR notebook for one image, at the original size.
+
+    DETR's maps are its dense attention over the feature map (stride 32, 16 with DC5), heads averaged.
+    Deformable DETR attends to a few sampling points per head, level and point (Zhu et al. 2021, Fig. 6 of
+    the appendix draws them); its map is those points' attention weights, summed over heads, levels and
+    points, splatted bilinearly onto the finest feature level's grid (stride 8; single-scale: layer4's).
+    Either grid is then bilinearly upsampled to the image.
+
+    Returns:
+      {"detections": `predict`'s list for the image, each with "query" (its object query's index);
+       "decoder": [n, H, W] float32, per detection the last decoder layer's cross-attention of its query;
+       "points": the reference points [(x, y)] in pixels (default: the centres of up to 4 detections' boxes,
+       else the image centre); "encoder": [len(points), H, W] float32, the last encoder layer's
+       self-attention of the (finest-level) feature position under each point.}
+    Raises:
+      see `predict` for the input errors.
+    """
+    return self.inspect(image, attention=True, points=points)
 
   def panoptic(self, image: ImageInput, threshold: float = 0.85) -> dict:
     """One image's panoptic segmentation at the original size, as eval.py's PQ evaluation makes it (official
@@ -296,17 +325,7 @@ class Predictor:
     Raises:
       ValueError: a model without a mask head; see `predict` for the input errors.
     """
-    if self._predict_panoptic is None:
-      raise ValueError(f"{families.describe(self.model)} has no mask head; panoptic segments need a panoptic "
-                       "checkpoint (e.g. detr-r50-panoptic).")
-    example, _, prediction = self._predict_alone(self._predict_panoptic, image)
-    thing_ids = self.thing_ids if self.thing_ids is not None else set(range(prediction["pred_logits"].shape[-1]))
-    segmentation, segments = postprocess.panoptic(prediction["pred_logits"], prediction["pred_masks"],
-                                                  tuple(example["size"]), tuple(example["orig_size"]),
-                                                  thing_ids, threshold)
-    for segment in segments:
-      segment["label"] = self.names.get(segment["category_id"], str(segment["category_id"]))
-    return {"segmentation": segmentation, "segments": segments}
+    return self.inspect(image, attention=False, panoptic=True, panoptic_threshold=threshold)["panoptic"]
 
   def predict(self, images: Iterable[ImageInput]) -> list[list[dict]]:
     """Detections of each image, in input order, best first.

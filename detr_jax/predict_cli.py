@@ -70,10 +70,10 @@ def _checkpoint(name_or_path: str, dilation: bool, **kwargs):
   return inference.Predictor.from_checkpoint(name_or_path, dilation=dilation, **kwargs)
 
 
-def _write_attention_pictures(predictor, path: str, image, directory: str, picture_name: str) -> None:
+def _write_attention_pictures(maps: dict, image, directory: str, picture_name: str) -> None:
   from detr_jax import visualize
   os.makedirs(directory, exist_ok=True)
-  decoder, encoder = visualize.attention_pictures(image, predictor.attention(path))
+  decoder, encoder = visualize.attention_pictures(image, maps)
   stem = os.path.splitext(picture_name)[0]
   decoder.save(os.path.join(directory, f"{stem}_decoder.jpg"), quality=90)
   encoder.save(os.path.join(directory, f"{stem}_encoder.jpg"), quality=90)
@@ -87,6 +87,8 @@ def predict_images(checkpoint: str, inputs: Sequence[str], output_dir: str, thre
   With `attention`, also OUT/attention/<stem>_decoder.jpg and <stem>_encoder.jpg per image
   (`visualize.attention_pictures`). With `panoptic`, also OUT/panoptic/<stem>.png (`visualize.draw_panoptic`)
   and OUT/panoptic.json: [{"file_name", "segments_info": [{"id", "category_id", "label", "isthing", "area"}]}].
+  With either, each image runs alone (`inference.Predictor.inspect`): one forward pass gives its
+  detections and its pictures.
 
   Returns:
     the COCO results written to detections.json.
@@ -104,9 +106,12 @@ def predict_images(checkpoint: str, inputs: Sequence[str], output_dir: str, thre
     results, segments = [], []
     start = time.perf_counter()
     bar = tqdm.tqdm(total=len(paths), desc="Predicting", unit="image")
-    for index, (path, picture_name, detections) in enumerate(zip(paths, _picture_names(paths),
-                                                                 predictor.predict_iter(paths))):
-      image_id = _image_id(path, index)
+    if attention or panoptic:   # one forward pass per image gives its detections and its pictures
+      inspected = (predictor.inspect(path, attention=attention, panoptic=panoptic) for path in paths)
+    else:
+      inspected = ({"detections": detections} for detections in predictor.predict_iter(paths))
+    for index, (path, picture_name, result) in enumerate(zip(paths, _picture_names(paths), inspected)):
+      image_id, detections = _image_id(path, index), result["detections"]
       for detection in detections:
         x0, y0, x1, y1 = detection["box"]
         results.append({"image_id": image_id, "file_name": path, "category_id": detection["category_id"],
@@ -115,9 +120,9 @@ def predict_images(checkpoint: str, inputs: Sequence[str], output_dir: str, thre
       with Image.open(path) as image:
         visualize.draw_detections(image, detections).save(os.path.join(output_dir, picture_name), quality=90)
         if attention:
-          _write_attention_pictures(predictor, path, image, os.path.join(output_dir, "attention"), picture_name)
+          _write_attention_pictures(result, image, os.path.join(output_dir, "attention"), picture_name)
         if panoptic:
-          segmented = predictor.panoptic(path)
+          segmented = result["panoptic"]
           os.makedirs(os.path.join(output_dir, "panoptic"), exist_ok=True)
           visualize.draw_panoptic(image, segmented).save(
               os.path.join(output_dir, "panoptic", os.path.splitext(picture_name)[0] + ".png"))

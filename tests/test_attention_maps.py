@@ -3,6 +3,8 @@
 Deformable DETR's sampling locations and weights against those transformers' attention module
 receives, and their maps (a bilinear splat, checked as the adjoint of torch's `grid_sample`)."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -55,7 +57,7 @@ def _portrait_attention(reference, coco_mini):
   return model, variables, path, maps
 
 
-def test_predictor_attention_maps_and_pictures(small_reference, coco_mini, tmp_path):
+def test_predictor_attention_maps_and_pictures(small_reference, coco_mini, tmp_path, monkeypatch):
   model, variables, path, maps = _portrait_attention(small_reference, coco_mini)
   detections = maps["detections"]
   assert sorted(d["query"] for d in detections) == list(range(10))
@@ -69,10 +71,28 @@ def test_predictor_attention_maps_and_pictures(small_reference, coco_mini, tmp_p
   from detr_jax import families
   families.save_model_dir(str(checkpoint), model, variables)
   out = tmp_path / "out"
+
+  def second_forward(*args, **kwargs):
+    raise AssertionError("--attention ran the batched predictions too")
+
+  inspected, inspect = [], inference.Predictor.inspect
+
+  def recorded_inspect(*args, **kwargs):
+    inspected.append(inspect(*args, **kwargs))
+    return inspected[-1]
+
+  monkeypatch.setattr(inference.Predictor, "predict_iter", second_forward)
+  monkeypatch.setattr(inference.Predictor, "inspect", recorded_inspect)
   assert predict_cli.main(["--checkpoint", str(checkpoint), str(path), "--output_dir", str(out), "--threshold", "0",
                            "--attention"]) == 0
   assert sorted(p.name for p in (out / "attention").iterdir()) == ["000000000802_decoder.jpg",
                                                                   "000000000802_encoder.jpg"]
+  written = json.loads((out / "detections.json").read_text())
+  # The CLI resizes to 800 (the test's predictor to a quarter of it): its file holds the detections of its
+  # one inspected forward pass, whose equality with `predict`'s `_portrait_attention` checks.
+  (cli_maps,) = inspected
+  assert [(r["category_id"], r["score"]) for r in written] == [(d["category_id"], d["score"])
+                                                               for d in cli_maps["detections"]]
 
 
 @pytest.fixture(scope="module")

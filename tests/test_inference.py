@@ -182,7 +182,7 @@ def test_mask_model_detections_carry_original_size_masks(coco_mini):
   np.testing.assert_array_equal(overlaid[~mask], plain[~mask])
 
 
-def test_panoptic_segments_and_picture(coco_mini, checkpoints, tmp_path, capsys):
+def test_panoptic_segments_and_picture(coco_mini, checkpoints, tmp_path, capsys, monkeypatch):
   """`Predictor.panoptic` is `postprocess.panoptic` (the official PostProcessPanoptic, tested in
   test_panoptic.py) on the model's outputs for the image padded by hand; the picture tints each segment;
   `detr-predict --panoptic` writes both, and refuses a model without a mask head in one line."""
@@ -232,11 +232,21 @@ def test_panoptic_segments_and_picture(coco_mini, checkpoints, tmp_path, capsys)
   mask_checkpoint = tmp_path / "panoptic"
   families.save_model_dir(str(mask_checkpoint), model, variables, categories)
   out = tmp_path / "out"
+  batched = inference.Predictor.predict_iter
+
+  def second_forward(*args, **kwargs):
+    raise AssertionError("--panoptic ran the batched predictions too")
+
+  monkeypatch.setattr(inference.Predictor, "predict_iter", second_forward)
   assert predict_cli.main(["--checkpoint", str(mask_checkpoint), str(path), "--output_dir", str(out),
                            "--panoptic"]) == 0
+  monkeypatch.setattr(inference.Predictor, "predict_iter", batched)
   assert (out / "panoptic" / "000000000802.png").is_file()
   (listed,) = json.loads((out / "panoptic.json").read_text())
   assert listed["file_name"] == str(path)
+  assert listed["segments_info"] == predictor.panoptic(str(path))["segments"]
+  written = json.loads((out / "detections.json").read_text())
+  assert [r["score"] for r in written] == [d["score"] for d in predictor.predict([str(path)])[0]]
   capsys.readouterr()
   with pytest.raises(SystemExit) as exit_info:
     predict_cli.main(["--checkpoint", directory, str(path), "--output_dir", str(tmp_path / "no"), "--panoptic"])
