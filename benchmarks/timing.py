@@ -1,9 +1,12 @@
-"""Wall-clock timing and page-fault counts shared by the benchmark scripts."""
+"""Wall-clock timing, page-fault counts and the machine's matmul rate, shared by the benchmark scripts."""
 
 import resource
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import torch
 
 
 def median_seconds(fn, iters: int) -> float:
@@ -36,3 +39,23 @@ def minor_page_faults(fn) -> int:
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   fn()
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def matmul_calls(size: int = 2048, repeats: int = 4) -> tuple[list, float]:
+  """([torch.mm call, jitted jnp.dot call], FLOP per call): `repeats` dense float32 [size, size] @
+  [size, size] products per call, to time beside a program (`interleaved_median_seconds`) so that
+  the machine's matmul rate, the best case of either library here, is read in the same rounds."""
+  rng = np.random.default_rng(0)
+  a, b = (rng.normal(size=(size, size)).astype(np.float32) for _ in range(2))
+  torch_a, torch_b = torch.from_numpy(a), torch.from_numpy(b)
+  jax_a, jax_b = jax.device_put(a), jax.device_put(b)
+  jax_dot = jax.jit(jnp.dot)
+
+  def torch_mm():
+    for _ in range(repeats):
+      torch.mm(torch_a, torch_b)
+
+  def jax_dot_call():
+    for _ in range(repeats):
+      jax.block_until_ready(jax_dot(jax_a, jax_b))
+  return [torch_mm, jax_dot_call], 2.0 * size ** 3 * repeats

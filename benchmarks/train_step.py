@@ -8,8 +8,12 @@ layer1 frozen). Both sides start from the same random weights on the same images
 coco-mini targets. JAX: `training.make_train_step` with the family's criterion (one jit, host
 matcher). PyTorch: `DetrForObjectDetection(labels=...)` / `DeformableDetrForObjectDetection` with
 their losses (focal matching and loss for Deformable DETR), `clip_grad_norm_` and `torch.optim.AdamW`.
-Prints s/step for each, the ratio PyTorch / JAX (above 1: JAX is faster), and each side's page
-faults in one more step.
+Prints s/step for each, the ratio PyTorch / JAX (above 1: JAX is faster), each side's page
+faults in one more step, and on the CPU each side's GFLOP/s against this machine's float32
+matmul rate (square matmuls of both libraries, timed in the same alternating rounds). The step's
+operations are counted by XLA's cost analysis of the lowered JAX step (a multiply-add counts 2;
+the same arithmetic on both sides), so `GFLOP / matmul rate` is about the least time any float32
+implementation of the step can take here.
 
   python benchmarks/train_step.py [--model detr|deformable-refine] [--batch 2] [--size 512] [--iters 5]
       [--dtype float32] [--default_allocator]
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.timing import interleaved_median_seconds, minor_page_faults  # noqa: E402
+from benchmarks.timing import interleaved_median_seconds, matmul_calls, minor_page_faults  # noqa: E402
 from configs import deformable_detr_r50_refine, detr_r50  # noqa: E402
 from detr_jax import families, porting, sharding, system, training  # noqa: E402
 from detr_jax.training import optim  # noqa: E402
@@ -94,7 +98,7 @@ def jax_step_fn(config, state_dict, images, mask, targets, dtype):
   def step():
     box["state"], _, loss = train_step(box["state"], batch)
     return float(loss)
-  return step
+  return step, train_step.lower(state, batch).cost_analysis()["flops"]
 
 
 def main():
@@ -123,17 +127,25 @@ def main():
   pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
   torch_step = torch_step_fn(reference.to(device), pixels, torch.from_numpy(mask).long().to(device), labels, device,
                              group_lrs)
-  jax_step = jax_step_fn(make_config(), state_dict, images, mask, targets, args.dtype)
+  jax_step, step_flops = jax_step_fn(make_config(), state_dict, images, mask, targets, args.dtype)
 
   print(f"{args.model} (R50) training step, batch {args.batch}, {args.size}x{args.size}, {sum(len(l) for l, _ in per_image)} "
         f"targets; JAX {jax.__version__} on {jax.devices()[0].device_kind} ({args.dtype}); torch {torch.__version__} "
         f"on {device} (float32, {torch.get_num_threads()} threads); median of {args.iters} alternating steps "
         f"after a warm-up")
-  torch_seconds, jax_seconds = interleaved_median_seconds([torch_step, jax_step], args.iters)
+  matmuls, matmul_flops = matmul_calls() if device == "cpu" else ([], 0.0)
+  torch_seconds, jax_seconds, *matmul_seconds = interleaved_median_seconds([torch_step, jax_step, *matmuls],
+                                                                          args.iters)
   print(f"{'PyTorch s/step':>15} {'JAX s/step':>11} {'PyTorch/JAX':>12} {'JAX images/s':>13}")
   print(f"{torch_seconds:>15.3f} {jax_seconds:>11.3f} {torch_seconds / jax_seconds:>12.2f} "
         f"{args.batch / jax_seconds:>13.2f}")
   print(f"minor page faults per step: PyTorch {minor_page_faults(torch_step)}, JAX {minor_page_faults(jax_step)}")
+  if device == "cpu":
+    matmul_rate = matmul_flops / min(matmul_seconds)
+    print(f"step: {step_flops / 1e9:.0f} GFLOP; float32 matmul {matmul_rate / 1e9:.0f} GFLOP/s, so at least "
+          f"{step_flops / matmul_rate:.2f} s/step; PyTorch {step_flops / torch_seconds / 1e9:.0f} GFLOP/s "
+          f"({step_flops / torch_seconds / matmul_rate:.2f} of matmul), JAX {step_flops / jax_seconds / 1e9:.0f} "
+          f"GFLOP/s ({step_flops / jax_seconds / matmul_rate:.2f})")
 
 
 if __name__ == "__main__":
