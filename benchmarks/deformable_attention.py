@@ -1,15 +1,17 @@
-r"""Speed of the multi-scale deformable sampling alone: our pure-JAX gather path against the
-PyTorch grid_sample path (official `ms_deform_attn_core_pytorch`, which transformers runs on CPU).
+r"""Speed of the multi-scale deformable sampling alone: ours, the pure-JAX gather path and (on the
+CPU, when built) the CPU kernel `sampling_kernel` that the CPU lowering uses, against the PyTorch
+grid_sample path (official `ms_deform_attn_core_pytorch`, which transformers runs on CPU).
 
 The encoder's shapes at 800x1066: 4 levels (100x134, 50x67, 25x34, 13x17), every position a
 query (S = Q = 17821), 8 heads of 32 channels, 4 points. Forward, and forward + backward with
-respect to value, locations and weights; calls alternate between the two sides in one process.
-Prints ms per call and the ratio PyTorch / JAX (above 1: JAX is faster).
+respect to value, locations and weights; calls alternate between the sides in one process.
+Prints ms per call and the ratio PyTorch / ours (above 1: ours is faster).
 
   python benchmarks/deformable_attention.py [--batch 1] [--iters 5] [--height 800 --width 1066] [--channels 32]
 """
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -22,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.timing import interleaved_median_seconds  # noqa: E402
 from detr_jax import system  # noqa: E402
+from detr_jax.models import sampling_kernel  # noqa: E402
 from detr_jax.models.deformable_attention import deformable_sampling  # noqa: E402
 from references.deformable_sampling import grid_sample_deformable  # noqa: E402
 
@@ -75,16 +78,23 @@ def main():
     (grid_sample_deformable(tensors[0], shapes, tensors[1], tensors[2]) * torch_cotangent).sum().backward()
     sync()
 
-  forward = jax.jit(lambda v, l, w: deformable_sampling(v, shapes, l, w))
-  gradient = jax.jit(jax.grad(lambda v, l, w: jnp.sum(deformable_sampling(v, shapes, l, w) * cotangent),
-                              argnums=(0, 1, 2)))
-  print(f"{'pass':>18} {'torch ms':>9} {'jax ms':>9} {'torch/jax':>10}")
-  for name, torch_fn, jax_fn in (("forward", torch_forward, lambda: jax.block_until_ready(forward(*jax_inputs))),
-                                 ("forward+backward", torch_backward,
-                                  lambda: jax.block_until_ready(gradient(*jax_inputs)))):
-    torch_seconds, jax_seconds = interleaved_median_seconds([torch_fn, jax_fn], args.iters)
-    print(f"{name:>18} {torch_seconds * 1000:>9.1f} {jax_seconds * 1000:>9.1f} {torch_seconds / jax_seconds:>10.2f}")
+  def jitted(portable):
+    """(forward, forward + backward) of deformable_sampling, lowered under portable() (pure JAX) or not."""
+    with sampling_kernel.portable() if portable else contextlib.nullcontext():
+      forward = jax.jit(lambda v, l, w: deformable_sampling(v, shapes, l, w)).lower(*jax_inputs).compile()
+      gradient = jax.jit(jax.grad(lambda v, l, w: jnp.sum(deformable_sampling(v, shapes, l, w) * cotangent),
+                                  argnums=(0, 1, 2))).lower(*jax_inputs).compile()
+    return (lambda: jax.block_until_ready(forward(*jax_inputs)),
+            lambda: jax.block_until_ready(gradient(*jax_inputs)))
 
+  ours = {"pure JAX": jitted(portable=True)}
+  if jax.default_backend() == "cpu" and sampling_kernel.available():
+    ours["CPU kernel"] = jitted(portable=False)
+  print(f"{'pass':>18} {'torch ms':>9} " + " ".join(f"{name + ' ms':>15} {'torch/' + name:>17}" for name in ours))
+  for index, (name, torch_fn) in enumerate((("forward", torch_forward), ("forward+backward", torch_backward))):
+    seconds = interleaved_median_seconds([torch_fn] + [fns[index] for fns in ours.values()], args.iters)
+    print(f"{name:>18} {seconds[0] * 1000:>9.1f} "
+          + " ".join(f"{s * 1000:>15.1f} {seconds[0] / s:>17.2f}" for s in seconds[1:]))
 
 if __name__ == "__main__":
   main()

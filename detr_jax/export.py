@@ -69,8 +69,10 @@ def export_jax(model, variables, height: int, width: int):
   """The `jax.export.Exported` of `serving_function` for H x W inputs, the variables embedded as constants."""
   import functools
   import jax
+  from detr_jax.models import sampling_kernel
   detect = functools.partial(serving_function(model), jax.device_get(variables))
-  return jax.export.export(jax.jit(detect), platforms=PLATFORMS)(*_input_specs(height, width))
+  with sampling_kernel.portable():   # the artefact runs elsewhere: no kernel of this process in it
+    return jax.export.export(jax.jit(detect), platforms=PLATFORMS)(*_input_specs(height, width))
 
 
 def saved_model_module(model, variables, sizes: Sequence[tuple[int, int]], scale: float):
@@ -82,6 +84,7 @@ def saved_model_module(model, variables, sizes: Sequence[tuple[int, int]], scale
   import tensorflow as tf
   from jax.experimental import jax2tf
   from detr_jax.data import transforms
+  from detr_jax.models import sampling_kernel
   converted = tf.autograph.experimental.do_not_convert(jax2tf.convert(
       serving_function(model), polymorphic_shapes=[None, "(b, ...)", "(b, ...)", "(b, ...)"],
       with_gradient=False, native_serialization_platforms=PLATFORMS))
@@ -111,7 +114,8 @@ def saved_model_module(model, variables, sizes: Sequence[tuple[int, int]], scale
           padded = tf.ensure_shape(tf.pad(example["image"], padding + [[0, 0]]), [None, height, width, 3])
           pixel_mask = tf.ensure_shape(tf.pad(tf.ones([batch, resized_h, resized_w], tf.bool), padding),
                                        [None, height, width])
-          return converted(self.variables_tree, padded, pixel_mask, original_sizes)
+          with sampling_kernel.portable():   # jax2tf lowers here, for TF Serving on any machine
+            return converted(self.variables_tree, padded, pixel_mask, original_sizes)
         return detect
 
       first_fit = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)

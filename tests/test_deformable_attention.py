@@ -1,13 +1,22 @@
-"""The pure-JAX deformable sampling against PyTorch's grid_sample path (official
-`ms_deform_attn_core_pytorch`), forward and gradients, on locations inside, on and outside the borders.
+"""Both deformable samplings, the pure-JAX one and the CPU kernel (`sampling_kernel`), against
+PyTorch's grid_sample path (official `ms_deform_attn_core_pytorch`), forward and gradients, on
+locations inside, on and outside the borders; and which of the two a lowering picks.
 
 Tolerances (float32, CPU): outputs 1e-5, gradients 1e-4 (as the issue states). Measured 2026-12-04,
-with the hand-written gradient: outputs 4.8e-7, gradients 1.3e-6 (value), 6.6e-5 of 132 (locations;
-JAX's own gradient of the forward, the version before, is as far), 5.0e-6 (weights). align_corners=True
-moves outputs by ~0.3, a missing -0.5 pixel shift by ~0.2. The gradient test fails when the
-backward's 2x2 neighbourhoods are offset by one pixel, their corners reordered, or a level's
-scatter-adds not accumulated.
+pure JAX with the hand-written gradient: outputs 4.8e-7, gradients 1.3e-6 (value), 6.6e-5 of 132
+(locations; JAX's own gradient of the forward, the version before, is as far), 5.0e-6 (weights); the kernel,
+2026-12-07: outputs 2.1e-6, gradients 1.3e-6, 6.7e-5 of 132 and 5.1e-6.
+align_corners=True moves outputs by ~0.3, a missing -0.5 pixel shift by ~0.2. The gradient test fails
+when the backward's 2x2 neighbourhoods are offset by one pixel, their corners reordered, or a level's
+scatter-adds not accumulated; for the kernel (2026-12-07), when a corner's derivative by x takes the
+wrong sign, the value gradient's buffer is not zeroed first, or the forward's or the backward's rows of
+a level start at the level before.
+
+The kernel is built by `pip install .`; where it is missing its tests skip, and fail under
+DETR_JAX_REQUIRE_DATA=1 (CI), which installs it.
 """
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +24,34 @@ import numpy as np
 import pytest
 import torch
 
-from detr_jax.models import deformable_attention
+from detr_jax.models import deformable_attention, sampling_kernel
 from references.deformable_sampling import grid_sample_deformable
 
 SHAPES = ((12, 17), (6, 9), (3, 5), (2, 3))
 OUTPUT_TOLERANCE = 1e-5
 GRADIENT_TOLERANCE = 1e-4
+KERNEL_TARGETS = (sampling_kernel.FORWARD_TARGET, sampling_kernel.BACKWARD_TARGET)
+
+
+def require_kernel():
+  if sampling_kernel.available():
+    return
+  reason = "the CPU kernel of the deformable sampling is not built: pip install . builds it"
+  if os.environ.get("DETR_JAX_REQUIRE_DATA") == "1":
+    pytest.fail(f"required kernel missing (DETR_JAX_REQUIRE_DATA=1): {reason}")
+  pytest.skip(reason)
+
+
+@pytest.fixture(params=["pure_jax", "cpu_kernel"])
+def sampling(request):
+  """deformable_sampling through one implementation: the kernel on this CPU, or pure JAX."""
+  if request.param == "pure_jax":
+    def pure_jax(*args):
+      with sampling_kernel.portable():
+        return deformable_attention.deformable_sampling(*args)
+    return pure_jax
+  require_kernel()
+  return deformable_attention.deformable_sampling
 
 
 def random_inputs(seed=0, batch=2, queries=30, heads=4, channels=8, points=3):
@@ -37,23 +68,23 @@ def random_inputs(seed=0, batch=2, queries=30, heads=4, channels=8, points=3):
   return value, locations, weights
 
 
-def test_sampling_matches_grid_sample():
+def test_sampling_matches_grid_sample(sampling):
   value, locations, weights = random_inputs()
-  ours = deformable_attention.deformable_sampling(value, SHAPES, locations, weights)
+  ours = sampling(value, SHAPES, locations, weights)
   reference = grid_sample_deformable(*(torch.from_numpy(a) for a in (value,)), SHAPES,
                                      torch.from_numpy(locations), torch.from_numpy(weights)).numpy()
   assert ours.shape == reference.shape == (2, 30, 32)
   np.testing.assert_allclose(ours, reference, atol=OUTPUT_TOLERANCE, rtol=0)
 
 
-def test_sampling_gradients_match_grid_sample():
+def test_sampling_gradients_match_grid_sample(sampling):
   value, locations, weights = random_inputs(seed=1)
   cotangent = np.random.default_rng(2).normal(size=(2, 30, 32)).astype(np.float32)
 
   def loss(v, l, w):
-    return jnp.sum(deformable_attention.deformable_sampling(v, SHAPES, l, w) * cotangent)
+    return jnp.sum(sampling(v, SHAPES, l, w) * cotangent)
 
-  ours = jax.grad(loss, argnums=(0, 1, 2))(value, locations, weights)
+  ours = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(value, locations, weights)
   tensors = [torch.from_numpy(a).requires_grad_() for a in (value, locations, weights)]
   (grid_sample_deformable(tensors[0], SHAPES, tensors[1], tensors[2]) * torch.from_numpy(cotangent)).sum().backward()
   for name, mine, tensor in zip(("value", "locations", "weights"), ours, tensors):
@@ -61,17 +92,51 @@ def test_sampling_gradients_match_grid_sample():
     np.testing.assert_allclose(mine, tensor.grad.numpy(), atol=GRADIENT_TOLERANCE, rtol=0, err_msg=name)
 
 
-def test_points_outside_every_map_read_zero():
+def test_points_outside_every_map_read_zero(sampling):
   value, locations, weights = random_inputs()
   locations = np.full_like(locations, -0.6)
-  out = deformable_attention.deformable_sampling(value, SHAPES, locations, weights)
+  out = sampling(value, SHAPES, locations, weights)
   np.testing.assert_array_equal(out, 0.0)
-  # The backward clips these locations' neighbourhoods onto the border rows; their weights stay 0.
+  # The pure-JAX backward clips these locations' neighbourhoods onto the border rows; their weights stay 0.
   cotangent = np.ones(out.shape, np.float32)
-  grads = jax.grad(lambda v, l, w: jnp.sum(deformable_attention.deformable_sampling(v, SHAPES, l, w) * cotangent),
+  grads = jax.grad(lambda v, l, w: jnp.sum(sampling(v, SHAPES, l, w) * cotangent),
                    argnums=(0, 1, 2))(value, locations, weights)
   for grad in grads:
     np.testing.assert_array_equal(grad, 0.0)
+
+
+def lowered_text(value_dtype=jnp.float32):
+  value, locations, weights = random_inputs()
+  loss = lambda v, l, w: jnp.sum(deformable_attention.deformable_sampling(v, SHAPES, l, w))   # noqa: E731
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(
+      value.astype(value_dtype), locations, weights).as_text()
+
+
+def test_the_cpu_lowering_calls_the_kernel_and_portable_lowerings_do_not():
+  require_kernel()
+  assert all(target in lowered_text() for target in KERNEL_TARGETS)
+  with sampling_kernel.portable():
+    assert not any(target in lowered_text() for target in KERNEL_TARGETS)
+  # The kernel is float32 only: bfloat16 values take the pure-JAX path.
+  assert not any(target in lowered_text(jnp.bfloat16) for target in KERNEL_TARGETS)
+
+
+def test_a_jax_export_artefact_carries_no_kernel():
+  require_kernel()
+  value, locations, weights = random_inputs()
+
+  def exported():   # a new jit each time: jit keeps the trace of its first call
+    return jax.export.export(jax.jit(lambda v, l, w: deformable_attention.deformable_sampling(v, SHAPES, l, w)),
+                             platforms=("cpu", "cuda"))(value, locations, weights)
+
+  # Without portable() the CPU branch's custom call is refused: it has no compatibility guarantee.
+  with pytest.raises(ValueError, match="custom call"):
+    exported()
+  with sampling_kernel.portable():
+    artefact = exported()
+  np.testing.assert_allclose(artefact.call(value, locations, weights),
+                             deformable_attention.deformable_sampling(value, SHAPES, locations, weights),
+                             atol=OUTPUT_TOLERANCE, rtol=0)
 
 
 def test_wrong_number_of_positions_is_named():

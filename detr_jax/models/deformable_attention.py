@@ -4,7 +4,9 @@
 Each query attends to P points per head on each of L feature levels, at locations predicted from
 the query around its reference point; the values there are read by bilinear interpolation with
 zero padding, as `F.grid_sample(align_corners=False, padding_mode="zeros")` and the official
-CUDA kernel read them. No custom kernel: the corners are gathered from the flattened levels.
+CUDA kernel read them. Two implementations of the same arithmetic: pure JAX (the corners gathered
+from the flattened levels), which runs and exports everywhere, and on the CPU a kernel
+(`sampling_kernel`, `deformable_sampling_cpu.cc`) that XLA:CPU calls instead when it is built.
 """
 
 import functools
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detr_jax.models import initializers
+from detr_jax.models import initializers, sampling_kernel
 
 
 def deformable_sampling(value: jnp.ndarray, spatial_shapes: Sequence[tuple[int, int]],
@@ -33,7 +35,9 @@ def deformable_sampling(value: jnp.ndarray, spatial_shapes: Sequence[tuple[int, 
   followed by a weighted sum (which materialises [B, Q, M, L*P*4, D]). The gradient is written by
   hand (`_sampling_backward`): forward + backward 1.7-1.8x faster than with JAX's own gradient at
   the training step's and the main job's maps (512x512 and 168x168), 15% slower at 800x1066
-  (`benchmarks/deformable_attention.py`, `docs/benchmarks.md`).
+  (`benchmarks/deformable_attention.py`, `docs/benchmarks.md`). Lowered for the CPU, float32 values
+  go to the CPU kernel instead (`sampling_kernel`, faster than both); `sampling_kernel.portable()`
+  keeps the pure-JAX version for artefacts that run elsewhere.
 
   Args:
     value: [B, S, M, D], the levels flattened row-major and concatenated, S = sum(H_l * W_l);
@@ -88,7 +92,20 @@ def _row_of_head(batch, rows_per_image, heads):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _sampling(value, spatial_shapes, locations, weights):
-  """`deformable_sampling` once its arguments are checked; spatial_shapes a tuple of tuples."""
+  """`deformable_sampling` once its arguments are checked; spatial_shapes a tuple of tuples. The
+  platform is chosen inside the forward and backward rules, not around `_sampling`: a choice under
+  differentiation would carry both implementations' residuals."""
+  if not sampling_kernel.usable(value):
+    return _gather_sampling(value, spatial_shapes, locations, weights)
+  batch, queries = locations.shape[:2]
+  return jax.lax.platform_dependent(
+      value, locations, weights,
+      cpu=lambda v, l, w: sampling_kernel.forward(v, spatial_shapes, l, w).reshape(batch, queries, -1),
+      default=lambda v, l, w: _gather_sampling(v, spatial_shapes, l, w))
+
+
+def _gather_sampling(value, spatial_shapes, locations, weights):
+  """The pure-JAX forward: one gather per (corner, level, point), accumulated."""
   batch, total, heads, channels = value.shape
   queries, _, levels, points, _ = locations.shape[1:]
   coefficients, floor = _bilinear_coefficients(spatial_shapes, locations, weights)
@@ -129,7 +146,16 @@ def _neighbourhood_tables(value, spatial_shapes):
 
 
 def _sampling_backward(spatial_shapes, residuals, cotangent):
-  """The gradient with one scatter-add of 4 * D wide rows per (level, point) into one buffer per
+  if not sampling_kernel.usable(residuals[0]):
+    return _gather_sampling_backward(spatial_shapes, residuals, cotangent)
+  return jax.lax.platform_dependent(
+      residuals, cotangent,
+      cpu=lambda residuals, cotangent: sampling_kernel.backward(spatial_shapes, *residuals, cotangent),
+      default=lambda residuals, cotangent: _gather_sampling_backward(spatial_shapes, residuals, cotangent))
+
+
+def _gather_sampling_backward(spatial_shapes, residuals, cotangent):
+  """The pure-JAX gradient with one scatter-add of 4 * D wide rows per (level, point) into one buffer per
   level, in place. JAX's own gradient of the forward's gathers is one scatter-add of D-wide rows
   per (level, point, corner), each into its own zeroed copy of the whole value table, summed
   afterwards; XLA:CPU's scatter-add costs per row, and the copies cost memory traffic. The reads
