@@ -16,8 +16,6 @@ The kernel is built by `pip install .`; where it is missing its tests skip, and 
 DETR_JAX_REQUIRE_DATA=1 (CI), which installs it.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +24,7 @@ import torch
 
 from detr_jax.models import deformable_attention, sampling_kernel
 from references.deformable_sampling import grid_sample_deformable
+from tests.helpers import skip_unless_required
 
 SHAPES = ((12, 17), (6, 9), (3, 5), (2, 3))
 OUTPUT_TOLERANCE = 1e-5
@@ -34,12 +33,8 @@ KERNEL_TARGETS = (sampling_kernel.FORWARD_TARGET, sampling_kernel.BACKWARD_TARGE
 
 
 def require_kernel():
-  if sampling_kernel.available():
-    return
-  reason = "the CPU kernel of the deformable sampling is not built: pip install . builds it"
-  if os.environ.get("DETR_JAX_REQUIRE_DATA") == "1":
-    pytest.fail(f"required kernel missing (DETR_JAX_REQUIRE_DATA=1): {reason}")
-  pytest.skip(reason)
+  if not sampling_kernel.available():
+    skip_unless_required("the CPU kernel of the deformable sampling is not built: pip install . builds it")
 
 
 @pytest.fixture(params=["pure_jax", "cpu_kernel"])
