@@ -85,9 +85,11 @@ def _level_sizes(spatial_shapes):
 
 
 def forward(value, spatial_shapes, locations, weights):
-  """`deformable_attention.deformable_sampling` by the kernel; float32 value [B, S, M, D], locations
-  [B, Q, M, L, P, 2], weights [B, Q, M, L, P] -> [B, Q, M, D]. Not differentiable by itself:
-  `deformable_attention._sampling` pairs it with `backward`."""
+  """`deformable_attention.deformable_sampling` by the kernel (the official
+  `ms_deformable_im2col_cuda` on the CPU): float32 value [B, S, M, D]; locations [B, Q, M, L, P, 2],
+  (x, y) normalised to [0, 1] on each level; weights [B, Q, M, L, P] -> float32 [B, Q, M, D]. Not
+  differentiable by itself: `deformable_attention._sampling` pairs it with `backward`. Lowers only for
+  the CPU once `available()`; inconsistent shapes raise jax.errors.JaxRuntimeError when it runs."""
   batch, _, heads, channels = value.shape
   return jax.ffi.ffi_call(FORWARD_TARGET, jax.ShapeDtypeStruct((batch, locations.shape[1], heads, channels),
                                                               jnp.float32), vmap_method="sequential")(
@@ -95,8 +97,9 @@ def forward(value, spatial_shapes, locations, weights):
 
 
 def backward(spatial_shapes, value, locations, weights, cotangent):
-  """The gradients of `forward` by the kernel: (value, locations, weights) float32, in their shapes,
-  from the cotangent of its output, [B, Q, M * D] or [B, Q, M, D]."""
+  """The gradients of `forward` by the kernel (the official `ms_deformable_col2im_cuda` on the CPU):
+  (value, locations, weights) float32, in their shapes (locations' per normalised unit), from the
+  cotangent of its output, [B, Q, M * D] or [B, Q, M, D]. Errors as `forward`'s."""
   shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (value, locations, weights))
   cotangent = cotangent.astype(jnp.float32).reshape(locations.shape[:3] + value.shape[3:])
   return jax.ffi.ffi_call(BACKWARD_TARGET, shapes, vmap_method="sequential")(
